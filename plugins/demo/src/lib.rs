@@ -1,0 +1,101 @@
+//! The demo plugin: small methods that show, and let the tests exercise,
+//! every way a job can go: success, retry, fatal failure, panic and delay.
+
+use std::fs::OpenOptions;
+use std::hash::{BuildHasher, RandomState};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use jobhost_plugin_api::{JobContext, JobError, export_jobs};
+use serde::Deserialize;
+
+/// Logs its params, a JSON string, and returns them.
+fn handle(ctx: &JobContext, message: String) -> Result<String, JobError> {
+    ctx.log(format!("handling {message:?}"));
+    Ok(message)
+}
+
+/// Does nothing. The benchmark drains jobs of this method.
+fn noop(_ctx: &JobContext, _params: serde_json::Value) -> Result<(), JobError> {
+    Ok(())
+}
+
+/// Fails with a retryable error on its first `N` attempts, then succeeds.
+/// With params `null` it fails at random, half of the time.
+fn flaky(ctx: &JobContext, failures: Option<u32>) -> Result<String, JobError> {
+    let fails = match failures {
+        Some(failures) => ctx.attempt() <= failures,
+        None => RandomState::new().hash_one(ctx.job_id()) % 2 == 0,
+    };
+    if fails {
+        ctx.warn(format!("attempt {} fails on purpose", ctx.attempt()));
+        return Err(JobError::retry(format!("flaky failure on attempt {}", ctx.attempt())));
+    }
+    Ok(format!("succeeded on attempt {}", ctx.attempt()))
+}
+
+/// Sleeps for the given number of milliseconds, or until the job is cancelled.
+fn sleep(ctx: &JobContext, milliseconds: u64) -> Result<u64, JobError> {
+    let deadline = Instant::now() + Duration::from_millis(milliseconds);
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        if ctx.is_cancelled() {
+            return Err(JobError::fatal("cancelled while sleeping"));
+        }
+        std::thread::sleep(left.min(Duration::from_millis(20)));
+    }
+    Ok(milliseconds)
+}
+
+/// Panics with the message given as params, or a default one.
+fn panic_now(_ctx: &JobContext, message: Option<String>) -> Result<(), JobError> {
+    panic!("{}", message.as_deref().unwrap_or("the demo plugin panicked on purpose"));
+}
+
+/// Fails for good with the message given as params.
+fn fail(_ctx: &JobContext, message: String) -> Result<(), JobError> {
+    Err(JobError::fatal(message))
+}
+
+/// Exported by the library but left out of the repository's whitelist, to
+/// show that a method runs only when jobs.toml lists it.
+fn update(ctx: &JobContext, _params: serde_json::Value) -> Result<(), JobError> {
+    ctx.warn("update ran, which only happens when jobs.toml whitelists it");
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct Record {
+    /// File that gets one line per run.
+    file: PathBuf,
+    /// Text of the line; the job id and attempt are added in front.
+    #[serde(default)]
+    tag: String,
+    /// After recording, fail with a `"retry"` or a `"fatal"` error.
+    #[serde(default)]
+    fail: Option<String>,
+}
+
+/// Appends one line per run to a file, then succeeds or fails as asked:
+/// how the tests count runs.
+fn record(ctx: &JobContext, params: Record) -> Result<(), JobError> {
+    let line = format!("{} {} {}\n", ctx.job_id(), ctx.attempt(), params.tag);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&params.file)
+        .map_err(|error| JobError::fatal(format!("cannot open {}: {error}", params.file.display())))?;
+    // One write of a short line with O_APPEND, so lines from parallel jobs never interleave.
+    file.write_all(line.as_bytes())
+        .map_err(|error| JobError::retry(format!("cannot write {}: {error}", params.file.display())))?;
+    match params.fail.as_deref() {
+        None => Ok(()),
+        Some("retry") => Err(JobError::retry(format!("{} asked for a retry", params.tag))),
+        Some(_) => Err(JobError::fatal(format!("{} failed on purpose", params.tag))),
+    }
+}
+
+export_jobs! {
+    name: "demo",
+    methods: [handle, noop, flaky, sleep, panic => panic_now, fail, update, record],
+}
