@@ -1,0 +1,249 @@
+//! `jobhost bench`: batch dispatch rate, drain throughput of no-op jobs, and
+//! dispatch-to-start latency, on a fresh SQLite file.
+//!
+//! The drain runs the real daemon code with the real demo plugin, history
+//! included (attempt rows and status events) and `jobs.log` written. The
+//! latency phase dispatches from a second process, one job at a time into
+//! an idle daemon, as `jobhost dispatch` or an application would.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{Client, Job};
+use crate::config::{Config, Synchronous};
+use crate::logging::{self, Stderr};
+use crate::registry::Registry;
+use crate::scheduler::{Daemon, Mode};
+use crate::store::{ListFilter, Status};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// No-op jobs to dispatch and drain.
+    #[arg(long, default_value_t = 100_000)]
+    jobs: usize,
+    /// Jobs dispatched per transaction.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Worker threads of the daemon.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Jobs claimed ahead of free workers.
+    #[arg(long, default_value_t = 1024)]
+    prefetch: usize,
+    /// SQLite synchronous setting: off, normal, full or extra.
+    #[arg(long, default_value = "normal")]
+    synchronous: String,
+    /// Jobs dispatched one by one from another process for the latency figures.
+    #[arg(long, default_value_t = 500)]
+    latency_samples: usize,
+    /// The demo plugin library. Default: libjobhost_demo.so beside this executable.
+    #[arg(long)]
+    plugin: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DispatcherArgs {
+    #[arg(long)]
+    count: usize,
+    #[arg(long)]
+    interval_ms: u64,
+}
+
+/// Why the benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("demo plugin {} not found; build it with `cargo build --release -p jobhost-demo` or pass --plugin", .0.display())]
+    PluginMissing(PathBuf),
+    #[error("invalid --synchronous {0:?}; use off, normal, full or extra")]
+    Synchronous(String),
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl BenchError {
+    fn setup(error: impl std::fmt::Display) -> Self {
+        Self::Setup(error.to_string())
+    }
+}
+
+pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
+    let synchronous: Synchronous = serde_json::from_value(serde_json::Value::String(args.synchronous.clone()))
+        .map_err(|_| BenchError::Synchronous(args.synchronous.clone()))?;
+    let plugin = match args.plugin.clone() {
+        Some(path) => path,
+        None => std::env::current_exe().map_err(BenchError::setup)?.with_file_name("libjobhost_demo.so"),
+    };
+    if !plugin.is_file() {
+        return Err(BenchError::PluginMissing(plugin));
+    }
+    let plugin = std::path::absolute(&plugin).map_err(BenchError::setup)?;
+
+    let folder = tempfile::Builder::new().prefix("jobhost-bench-").tempdir().map_err(BenchError::setup)?;
+    let config_path = folder.path().join("jobs.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[host]\ndatabase = \"sqlite://bench.db\"\nconcurrency = {}\nprefetch = {}\nsynchronous = \"{}\"\nlog_dir = \"logs\"\n\n\
+             [[plugin]]\nname = \"demo\"\npath = {:?}\nmethods = [\"noop\"]\n",
+            args.concurrency,
+            args.prefetch,
+            synchronous.as_str(),
+            plugin.display().to_string()
+        ),
+    )
+    .map_err(BenchError::setup)?;
+    let config = Arc::new(Config::load(&config_path).map_err(BenchError::setup)?);
+    let _logs = logging::init(Stderr::Off, Some(&config.host.log_dir));
+    let registry = Arc::new(Registry::load(&config).map_err(|errors| BenchError::setup(&errors[0]))?);
+    let client = Client::with_config(config.clone(), true).await.map_err(BenchError::setup)?;
+
+    println!("jobhost bench: {} no-op jobs on SQLite (synchronous = {})", args.jobs, synchronous.as_str());
+    println!("machine: {}", machine());
+    println!(
+        "daemon: concurrency {}, prefetch {}; history recorded; jobs.log written",
+        args.concurrency, args.prefetch
+    );
+
+    // Phase 1: batch dispatch.
+    let bar = progress_bar(args.jobs as u64, "dispatch");
+    let started = Instant::now();
+    let batch: Vec<Job> = (0..args.batch.max(1)).map(|_| Job::new("demo", "noop")).collect();
+    let mut dispatched = 0;
+    while dispatched < args.jobs {
+        let count = (args.jobs - dispatched).min(batch.len());
+        client.dispatch_many(&batch[..count]).await.map_err(BenchError::setup)?;
+        dispatched += count;
+        bar.set_position(dispatched as u64);
+    }
+    let dispatch_time = started.elapsed();
+    bar.finish_and_clear();
+    println!(
+        "batch dispatch: {} jobs in {:.2} s = {:.0} jobs/s ({} per transaction)",
+        args.jobs,
+        dispatch_time.as_secs_f64(),
+        args.jobs as f64 / dispatch_time.as_secs_f64(),
+        args.batch
+    );
+
+    // Phase 2: drain.
+    let bar = progress_bar(args.jobs as u64, "drain");
+    let watcher = {
+        let (store, bar) = (client.store().clone(), bar.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                if let Ok(counts) = store.counts().await {
+                    let done = counts.iter().find(|(status, _)| *status == Status::Succeeded).map_or(0, |(_, count)| *count);
+                    bar.set_position(done);
+                }
+            }
+        })
+    };
+    let started = Instant::now();
+    let summary = Daemon::new(config.clone(), registry.clone(), client.store().clone()).run(Mode::Once, CancellationToken::new()).await;
+    let drain_time = started.elapsed();
+    watcher.abort();
+    bar.finish_and_clear();
+    if summary.succeeded != args.jobs as u64 {
+        return Err(BenchError::Setup(format!("drain ran {} of {} jobs: {summary:?}", summary.succeeded, args.jobs)));
+    }
+    println!(
+        "drain: {} jobs in {:.2} s = {:.0} jobs/s",
+        args.jobs,
+        drain_time.as_secs_f64(),
+        args.jobs as f64 / drain_time.as_secs_f64()
+    );
+
+    // Phase 3: dispatch-to-start latency from another process into an idle daemon.
+    if args.latency_samples > 0 {
+        latency(&config_path, &config, &registry, &client, args.latency_samples).await?;
+    }
+    Ok(())
+}
+
+async fn latency(config_path: &Path, config: &Arc<Config>, registry: &Arc<Registry>, client: &Client, samples: usize) -> Result<(), BenchError> {
+    let shutdown = CancellationToken::new();
+    let daemon = Daemon::new(config.clone(), registry.clone(), client.store().clone());
+    let daemon = tokio::spawn(daemon.run(Mode::Forever, shutdown.clone()));
+    // Let the daemon bind its wake-up socket and go idle.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let bar = progress_bar(samples as u64, "latency");
+    let interval_ms = 20;
+    let mut child = tokio::process::Command::new(std::env::current_exe().map_err(BenchError::setup)?)
+        .arg("--config")
+        .arg(config_path)
+        .arg("bench-dispatcher")
+        .arg("--count")
+        .arg(samples.to_string())
+        .arg("--interval-ms")
+        .arg(interval_ms.to_string())
+        .spawn()
+        .map_err(BenchError::setup)?;
+    let status = child.wait().await.map_err(BenchError::setup)?;
+    if !status.success() {
+        return Err(BenchError::Setup(format!("the dispatcher process failed: {status}")));
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let jobs = loop {
+        let jobs = client.store().list(&ListFilter { limit: samples as u32, ..ListFilter::default() }).await.map_err(BenchError::setup)?;
+        let done = jobs.iter().filter(|job| job.status == Status::Succeeded).count();
+        bar.set_position(done as u64);
+        if done == samples || Instant::now() > deadline {
+            break jobs;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    bar.finish_and_clear();
+    shutdown.cancel();
+    let _ = daemon.await;
+
+    let mut delays: Vec<Duration> = jobs.iter().filter_map(|job| job.started_at.map(|started| started.since(job.created_at))).collect();
+    if delays.len() < samples {
+        return Err(BenchError::Setup(format!("only {} of {samples} latency jobs started within 30 s", delays.len())));
+    }
+    delays.sort_unstable();
+    let percentile = |p: f64| delays[((delays.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "dispatch to start ({samples} jobs from another process, {interval_ms} ms apart, poll interval {} ms): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        config.host.poll_interval.as_millis(),
+        percentile(0.50).as_secs_f64() * 1000.0,
+        percentile(0.99).as_secs_f64() * 1000.0,
+        delays[delays.len() - 1].as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
+/// Dispatches `count` no-op jobs one at a time, `interval_ms` apart.
+pub async fn dispatcher(config: &Path, args: DispatcherArgs) -> Result<(), BenchError> {
+    let client = Client::open(config).await.map_err(BenchError::setup)?;
+    for _ in 0..args.count {
+        client.dispatch(Job::new("demo", "noop")).await.map_err(BenchError::setup)?;
+        tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
+    }
+    Ok(())
+}
+
+fn progress_bar(length: u64, phase: &'static str) -> ProgressBar {
+    let bar = ProgressBar::new(length);
+    if let Ok(style) = ProgressStyle::with_template("{prefix:>9} [{bar:40}] {pos}/{len} ({per_sec}, {eta})") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(phase);
+    bar
+}
+
+/// Describes the CPU, for the report.
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| info.lines().find(|line| line.starts_with("model name")).map(|line| line.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    format!("{cpus} CPUs, {model}")
+}

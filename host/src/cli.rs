@@ -1,0 +1,373 @@
+//! The `jobhost` command line.
+//!
+//! Every command that takes user input validates all of it before it opens
+//! the database, so bad input exits non-zero with one line on stderr and
+//! writes nothing.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{self, Client, DEFAULT_PRIORITY, Job};
+use crate::config::{self, Config};
+use crate::logging::{self, Stderr};
+use crate::registry::Registry;
+use crate::scheduler::{Daemon, Mode};
+use crate::store::{CancelOutcome, JobId, ListFilter, RetryOutcome, Status};
+use crate::view;
+
+/// Runs jobs from plugin libraries, listed in jobs.toml, off a SQL table.
+#[derive(Debug, Parser)]
+#[command(name = "jobhost", version, about)]
+pub struct Cli {
+    /// The jobs.toml to use.
+    #[arg(long, global = true, env = "JOBHOST_CONFIG", default_value = "jobs.toml")]
+    pub config: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: claim due jobs and run them until SIGINT or SIGTERM.
+    Run {
+        /// Run every job that is due now, including chained jobs released on
+        /// the way, then exit (for cron).
+        #[arg(long)]
+        once: bool,
+    },
+    /// Add a job, and print its id on stdout.
+    Dispatch {
+        /// Plugin name, as in jobs.toml.
+        plugin: String,
+        /// Method name; it must be in the plugin's methods in jobs.toml.
+        method: String,
+        /// Params as JSON, such as '"hello"', '3' or '{"path": "/tmp/a"}'.
+        #[arg(long, default_value = "null")]
+        params: String,
+        /// Run no earlier than this from now, such as 30s, 5m or 1h 30m.
+        #[arg(long, default_value = "0s", allow_hyphen_values = true)]
+        delay: String,
+        /// 1 (runs first) to 10 (runs last).
+        #[arg(long, default_value_t = DEFAULT_PRIORITY.to_string(), allow_hyphen_values = true)]
+        priority: String,
+        /// A job to run after this one succeeds, as PLUGIN:METHOD or
+        /// PLUGIN:METHOD:JSON; repeat for a longer chain.
+        #[arg(long = "then", value_name = "PLUGIN:METHOD[:JSON]")]
+        then: Vec<String>,
+    },
+    /// List jobs, newest first.
+    List {
+        /// Only jobs in this status: waiting, pending, running, succeeded, failed or cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only jobs of this plugin.
+        #[arg(long)]
+        plugin: Option<String>,
+        /// Only jobs of this method.
+        #[arg(long)]
+        method: Option<String>,
+        /// Only jobs with an id below this one (the next page).
+        #[arg(long)]
+        before: Option<JobId>,
+        /// Most jobs to list.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print a JSON array of job objects.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one job with its attempts and status history.
+    Show {
+        id: JobId,
+        /// Print the job as a JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a job that has not ended, and the jobs chained behind it.
+    Cancel { id: JobId },
+    /// Run a failed or cancelled job again, with a fresh set of attempts.
+    Retry { id: JobId },
+    /// Check jobs.toml and load every plugin library, without running jobs.
+    Check,
+    /// Create the database or bring its schema up to date.
+    Migrate,
+    /// Measure dispatch rate, drain throughput and dispatch-to-start latency.
+    Bench(crate::bench::BenchArgs),
+    /// Internal: dispatch jobs one by one for the latency benchmark.
+    #[command(hide = true)]
+    BenchDispatcher(crate::bench::DispatcherArgs),
+}
+
+/// An error for the user: printed as `error: ...` lines, exit status 1.
+#[derive(Debug)]
+pub struct Failure(pub Vec<String>);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(error: E) -> Self {
+        Failure(vec![error.to_string()])
+    }
+}
+
+fn fail(message: impl Into<String>) -> Failure {
+    Failure(vec![message.into()])
+}
+
+/// Runs the command and returns the process's exit status.
+pub async fn main(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Run { once } => run(&cli.config, once).await,
+        Command::Dispatch { plugin, method, params, delay, priority, then } => {
+            dispatch(&cli.config, plugin, method, &params, &delay, &priority, &then).await
+        }
+        Command::List { status, plugin, method, before, limit, json } => {
+            list(&cli.config, status, plugin, method, before, limit, json).await
+        }
+        Command::Show { id, json } => show(&cli.config, id, json).await,
+        Command::Cancel { id } => cancel(&cli.config, id).await,
+        Command::Retry { id } => retry(&cli.config, id).await,
+        Command::Check => check(&cli.config),
+        Command::Migrate => migrate(&cli.config).await,
+        Command::Bench(args) => crate::bench::run(args).await.map_err(Failure::from),
+        Command::BenchDispatcher(args) => crate::bench::dispatcher(&cli.config, args).await.map_err(Failure::from),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(lines)) => {
+            for line in lines {
+                eprintln!("error: {line}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: &std::path::Path) -> Result<Arc<Config>, Failure> {
+    Config::load(path).map(Arc::new).map_err(|error| Failure(error.problems()))
+}
+
+fn load_registry(config: &Config) -> Result<Registry, Failure> {
+    Registry::load(config).map_err(|errors| Failure(errors.iter().map(ToString::to_string).collect()))
+}
+
+/// Opens the database of `config` for a command that only reads or
+/// changes existing jobs: a missing database file is an error.
+async fn open_existing(config: Arc<Config>) -> Result<Client, Failure> {
+    Ok(Client::with_config(config, false).await?)
+}
+
+async fn run(config_path: &std::path::Path, once: bool) -> Result<(), Failure> {
+    let config = load_config(config_path)?;
+    let _logs = logging::init(Stderr::Info, Some(&config.host.log_dir));
+    let registry = load_registry(&config)?;
+    for plugin in registry.plugins() {
+        tracing::info!(
+            target: "jobhost::daemon",
+            plugin = %plugin.name,
+            version = %plugin.version,
+            path = %plugin.path.display(),
+            methods = ?plugin.whitelist.keys().collect::<Vec<_>>(),
+            "plugin loaded"
+        );
+    }
+    let client = Client::with_config(config.clone(), true).await?;
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(wait_for_signals(shutdown.clone()));
+    let daemon = Daemon::new(config, Arc::new(registry), client.store().clone());
+    let mode = if once { Mode::Once } else { Mode::Forever };
+    daemon.run(mode, shutdown).await;
+    Ok(())
+}
+
+/// Cancels `shutdown` on the first SIGINT or SIGTERM, and exits at once on the second.
+async fn wait_for_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        tracing::error!(target: "jobhost::daemon", "cannot install signal handlers; stop the daemon with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!(target: "jobhost::daemon", "shutting down: no new jobs are claimed; send the signal again to exit at once");
+    shutdown.cancel();
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::warn!(target: "jobhost::daemon", "second signal: exiting now; running jobs will be rescued when their leases expire");
+    std::process::exit(130);
+}
+
+/// Parses `--then PLUGIN:METHOD[:JSON]`.
+fn parse_then(text: &str) -> Result<Job, Failure> {
+    let mut parts = text.splitn(3, ':');
+    let plugin = parts.next().unwrap_or_default();
+    let method = parts.next().unwrap_or_default();
+    if plugin.is_empty() || method.is_empty() {
+        return Err(fail(format!("invalid --then {text:?}: expected PLUGIN:METHOD or PLUGIN:METHOD:JSON, such as demo:handle:'\"hi\"'")));
+    }
+    let job = Job::new(plugin, method);
+    Ok(match parts.next() {
+        Some(json) => job.params_json(json),
+        None => job,
+    })
+}
+
+fn parse_priority(text: &str) -> Result<u8, Failure> {
+    match text.trim().parse::<u8>() {
+        Ok(priority) if (1..=10).contains(&priority) => Ok(priority),
+        _ => Err(fail(format!("invalid --priority {text:?}: use a whole number from 1 (runs first) to 10 (runs last)"))),
+    }
+}
+
+async fn dispatch(
+    config_path: &std::path::Path,
+    plugin: String,
+    method: String,
+    params: &str,
+    delay: &str,
+    priority: &str,
+    then: &[String],
+) -> Result<(), Failure> {
+    let config = load_config(config_path)?;
+    let delay = config::parse_duration(delay).map_err(|message| fail(format!("invalid --delay {delay:?}: {message}")))?;
+    let priority = parse_priority(priority)?;
+    if let Err(error) = serde_json::from_str::<serde_json::Value>(params) {
+        return Err(fail(format!(
+            "invalid --params {params:?}: not JSON ({error}); quote text as JSON, such as --params '\"hello\"'"
+        )));
+    }
+    let mut job = Job::new(plugin, method).params_json(params).delay(delay).priority(priority);
+    for next in then {
+        job = job.then(parse_then(next)?.priority(priority));
+    }
+    // Everything is checked before the database is opened.
+    client::prepare(&config, &job)?;
+
+    let _logs = logging::init(Stderr::Quiet, Some(&config.host.log_dir));
+    let client = Client::with_config(config, true).await?;
+    let id = client.dispatch(job).await?;
+    println!("{id}");
+    Ok(())
+}
+
+async fn list(
+    config_path: &std::path::Path,
+    status: Option<String>,
+    plugin: Option<String>,
+    method: Option<String>,
+    before_id: Option<JobId>,
+    limit: u32,
+    json: bool,
+) -> Result<(), Failure> {
+    let config = load_config(config_path)?;
+    let status = status.map(|status| status.parse::<Status>()).transpose().map_err(|message| fail(format!("invalid --status: {message}")))?;
+    let filter = ListFilter { status, plugin, method, before_id, limit };
+    let client = open_existing(config).await?;
+    let jobs = client.store().list(&filter).await?;
+    if json {
+        let array: Vec<_> = jobs.iter().map(view::job_json).collect();
+        println!("{}", serde_json::to_string_pretty(&array)?);
+    } else {
+        print!("{}", view::job_table(&jobs));
+    }
+    Ok(())
+}
+
+async fn show(config_path: &std::path::Path, id: JobId, json: bool) -> Result<(), Failure> {
+    let config = load_config(config_path)?;
+    let client = open_existing(config).await?;
+    let store = client.store();
+    let job = store.get(id).await?.ok_or_else(|| fail(format!("job {id} not found; `jobhost list` shows the jobs there are")))?;
+    let children = store.children(id).await?;
+    let attempts = store.attempts(id).await?;
+    let events = store.events(id).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view::job_detail_json(&job, &children, &attempts, &events))?);
+    } else {
+        print!("{}", view::job_detail_text(&job, &children, &attempts, &events));
+    }
+    Ok(())
+}
+
+async fn cancel(config_path: &std::path::Path, id: JobId) -> Result<(), Failure> {
+    let config = load_config(config_path)?;
+    let client = open_existing(config).await?;
+    match client.store().cancel(id, "cancelled by hand").await? {
+        CancelOutcome::Cancelled { previous, descendants } => {
+            client.notify_cancelled();
+            println!("cancelled job {id} (was {previous})");
+            if !descendants.is_empty() {
+                let ids: Vec<String> = descendants.iter().map(ToString::to_string).collect();
+                println!("also cancelled chained jobs {}", ids.join(", "));
+            }
+            Ok(())
+        }
+        CancelOutcome::AlreadyFinal(status) => Err(fail(format!("job {id} has already {}; nothing was changed", past_tense(status)))),
+        CancelOutcome::NotFound => Err(fail(format!("job {id} not found; `jobhost list` shows the jobs there are"))),
+    }
+}
+
+fn past_tense(status: Status) -> &'static str {
+    match status {
+        Status::Succeeded => "succeeded",
+        Status::Failed => "failed",
+        Status::Cancelled => "been cancelled",
+        Status::Waiting | Status::Pending | Status::Running => "started",
+    }
+}
+
+async fn retry(config_path: &std::path::Path, id: JobId) -> Result<(), Failure> {
+    let config = load_config(config_path)?;
+    let client = open_existing(config.clone()).await?;
+    let job = client.store().get(id).await?.ok_or_else(|| fail(format!("job {id} not found; `jobhost list` shows the jobs there are")))?;
+    let attempts = config.method(&job.plugin, &job.method).map_or(config::DEFAULT_MAX_ATTEMPTS, |settings| settings.max_attempts);
+    match client.store().retry(id, attempts).await? {
+        RetryOutcome::Requeued { previous, descendants } => {
+            client.notify_dispatched();
+            println!("job {id} is pending again (was {previous}), with {attempts} more attempts");
+            if !descendants.is_empty() {
+                let ids: Vec<String> = descendants.iter().map(ToString::to_string).collect();
+                println!("chained jobs {} wait for it again", ids.join(", "));
+            }
+            Ok(())
+        }
+        RetryOutcome::NotRetryable(status) => {
+            Err(fail(format!("job {id} is {status}; only failed and cancelled jobs can be retried")))
+        }
+        RetryOutcome::NotFound => Err(fail(format!("job {id} not found; `jobhost list` shows the jobs there are"))),
+    }
+}
+
+fn check(config_path: &std::path::Path) -> Result<(), Failure> {
+    let config = load_config(config_path)?;
+    let registry = load_registry(&config)?;
+    println!("{}: valid", config.path.display());
+    println!("database: {}", config.host.database);
+    for plugin in registry.plugins() {
+        let whitelisted: Vec<&str> = plugin.whitelist.keys().map(String::as_str).collect();
+        let other: Vec<&str> = plugin.exported.iter().map(String::as_str).filter(|method| !plugin.whitelist.contains_key(*method)).collect();
+        println!("plugin {} {} ({})", plugin.name, plugin.version, plugin.path.display());
+        println!("  sha256:      {}", plugin.sha256);
+        println!("  whitelisted: {}", whitelisted.join(", "));
+        if !other.is_empty() {
+            println!("  exported, not whitelisted: {}", other.join(", "));
+        }
+    }
+    Ok(())
+}
+
+async fn migrate(config_path: &std::path::Path) -> Result<(), Failure> {
+    let config = load_config(config_path)?;
+    let database = config.host.database.to_string();
+    Client::with_config(config, true).await?;
+    println!("{database}: schema is up to date");
+    Ok(())
+}

@@ -1,0 +1,696 @@
+//! `jobs.toml`: the whitelist of plugins and methods, and the host settings.
+//!
+//! Reading goes through two stages. [`RawConfig`] is what serde parses, with
+//! the spans of the values that need checking; [`Config::parse`] validates it
+//! into [`Config`], collecting every problem with its line instead of stopping
+//! at the first. Only a validated `Config` builds runtime objects.
+//!
+//! Per-method settings inherit: a key in `[plugin.method.NAME]` overrides the
+//! same key in its `[[plugin]]`, which overrides `[host]`, which overrides the
+//! built-in default.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Default `max_attempts`: the first run and two retries.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Default `retry_delay`.
+pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// Default `max_retry_delay`: the cap on exponential backoff.
+pub const DEFAULT_MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
+/// Highest `max_attempts` accepted; far more than any job needs, and small
+/// enough that attempt counters never come near overflowing.
+pub const MAX_MAX_ATTEMPTS: u32 = 1_000_000;
+
+// ---------------------------------------------------------------------------
+// Validated configuration
+// ---------------------------------------------------------------------------
+
+/// A validated jobs.toml.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was read from.
+    pub path: PathBuf,
+    pub host: HostSettings,
+    /// Plugins by name, in file order.
+    pub plugins: Vec<PluginConfig>,
+}
+
+/// The `[host]` table, with defaults filled in.
+#[derive(Debug, Clone)]
+pub struct HostSettings {
+    /// Where jobs are stored. Default: `sqlite://jobhost.db` beside jobs.toml.
+    pub database: Database,
+    /// Jobs run at once by one daemon. Default: the number of CPUs.
+    pub concurrency: usize,
+    /// Due jobs claimed beyond the free workers, kept ready in memory so that
+    /// short jobs do not wait for a database round trip. Default: 0.
+    pub prefetch: usize,
+    /// How often an idle daemon looks for due jobs when nothing wakes it. Default: 1 s.
+    pub poll_interval: Duration,
+    /// How long a claimed job stays owned without a renewal. Default: 30 s.
+    pub lease: Duration,
+    /// How long shutdown waits for running jobs. Default: 10 s.
+    pub shutdown_grace: Duration,
+    /// Folder of `jobs.log` and `jobs-errors.log`. Default: `logs` beside jobs.toml.
+    pub log_dir: PathBuf,
+    /// SQLite `synchronous` pragma. Default: `normal`.
+    pub synchronous: Synchronous,
+}
+
+/// Where the jobs table lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// A SQLite file, resolved against the folder of jobs.toml.
+    Sqlite(PathBuf),
+}
+
+impl fmt::Display for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+        }
+    }
+}
+
+/// SQLite's `synchronous` setting: how often commits wait for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    Off,
+    Normal,
+    Full,
+    Extra,
+}
+
+impl Synchronous {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Normal => "normal",
+            Self::Full => "full",
+            Self::Extra => "extra",
+        }
+    }
+}
+
+/// One `[[plugin]]` entry.
+#[derive(Debug, Clone)]
+pub struct PluginConfig {
+    pub name: String,
+    /// Absolute path of the library.
+    pub path: PathBuf,
+    /// Line of the entry's `name`, for messages about the plugin.
+    pub line: usize,
+    /// The whitelist: each allowed method with its resolved settings.
+    pub methods: BTreeMap<String, MethodSettings>,
+}
+
+/// Retry and timeout settings of one whitelisted method.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodSettings {
+    /// Runs in all, counting the first. Default: 3.
+    pub max_attempts: u32,
+    /// Wait before the first retry. Default: 5 s.
+    pub retry_delay: Duration,
+    /// How the wait grows between retries. Default: fixed.
+    pub backoff: Backoff,
+    /// Cap on the wait between retries. Default: 1 h.
+    pub max_retry_delay: Duration,
+    /// Longest a run may take before it counts as failed. Default: none.
+    pub timeout: Option<Duration>,
+}
+
+impl Default for MethodSettings {
+    fn default() -> Self {
+        Self {
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            retry_delay: DEFAULT_RETRY_DELAY,
+            backoff: Backoff::Fixed,
+            max_retry_delay: DEFAULT_MAX_RETRY_DELAY,
+            timeout: None,
+        }
+    }
+}
+
+impl MethodSettings {
+    /// Returns the wait before the run that follows failed run number `attempt` (1-based).
+    ///
+    /// Exponential backoff doubles `retry_delay` per retry and never exceeds
+    /// `max_retry_delay`, whatever the attempt number.
+    pub fn retry_delay_after(&self, attempt: u32) -> Duration {
+        match self.backoff {
+            Backoff::Fixed => self.retry_delay.min(self.max_retry_delay),
+            Backoff::Exponential => {
+                let doublings = attempt.saturating_sub(1).min(63);
+                let factor = 1u64 << doublings;
+                let millis = (self.retry_delay.as_millis() as u64).saturating_mul(factor);
+                Duration::from_millis(millis).min(self.max_retry_delay)
+            }
+        }
+    }
+}
+
+/// How the wait between retries grows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backoff {
+    /// The same `retry_delay` every time.
+    Fixed,
+    /// `retry_delay`, then twice that, four times, and so on up to `max_retry_delay`.
+    Exponential,
+}
+
+impl Config {
+    /// Reads and validates the jobs.toml at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+        Self::parse(&absolute, &text)
+    }
+
+    /// Validates `text` as the contents of the jobs.toml at `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let source = Source { path, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|error| {
+            let line = error.span().map(|span| source.line(&span));
+            ConfigError::Invalid(vec![Problem {
+                path: path.to_owned(),
+                line,
+                message: error.message().trim().replace('\n', " "),
+            }])
+        })?;
+        let mut problems = Vec::new();
+        let config = validate(&source, raw, &mut problems);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Returns the entry of the plugin called `name`.
+    pub fn plugin(&self, name: &str) -> Option<&PluginConfig> {
+        self.plugins.iter().find(|plugin| plugin.name == name)
+    }
+
+    /// Returns the settings of `plugin`'s `method`, if the whitelist allows it.
+    pub fn method(&self, plugin: &str, method: &str) -> Result<&MethodSettings, NotWhitelisted> {
+        let entry = self.plugin(plugin).ok_or_else(|| NotWhitelisted::UnknownPlugin {
+            plugin: plugin.to_owned(),
+            known: self.plugins.iter().map(|plugin| plugin.name.clone()).collect(),
+        })?;
+        entry.methods.get(method).ok_or_else(|| NotWhitelisted::Method {
+            plugin: plugin.to_owned(),
+            method: method.to_owned(),
+        })
+    }
+
+    /// Folder of jobs.toml, which relative paths in it are resolved against.
+    pub fn folder(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+}
+
+/// Why a plugin method may not run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NotWhitelisted {
+    #[error("plugin {plugin:?} is not in jobs.toml (known plugins: {}); add a [[plugin]] entry for it", known.join(", "))]
+    UnknownPlugin { plugin: String, known: Vec<String> },
+    #[error("plugin {plugin:?}: method {method:?} is not in the whitelist; add it to methods in jobs.toml")]
+    Method { plugin: String, method: String },
+}
+
+// ---------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------
+
+/// Why jobs.toml could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}; pass the right file with --config", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}", display_problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+impl ConfigError {
+    /// Every problem found, one per line of output.
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            Self::Read { .. } => vec![self.to_string()],
+            Self::Invalid(problems) => problems.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+fn display_problems(problems: &[Problem]) -> String {
+    problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+}
+
+/// One problem in jobs.toml, with the line it is on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{line}: {}", self.path.display(), self.message),
+            None => write!(f, "{}: {}", self.path.display(), self.message),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Parsing and validation
+// ---------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    host: RawHost,
+    #[serde(default)]
+    plugin: Vec<RawPlugin>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    database: Option<Spanned<String>>,
+    concurrency: Option<Spanned<i64>>,
+    prefetch: Option<Spanned<i64>>,
+    poll_interval: Option<Spanned<String>>,
+    lease: Option<Spanned<String>>,
+    shutdown_grace: Option<Spanned<String>>,
+    log_dir: Option<String>,
+    synchronous: Option<Synchronous>,
+    // The method settings that `[host]` sets for every plugin. They are
+    // spelled out, not flattened, because serde cannot combine
+    // `flatten` with `deny_unknown_fields`.
+    max_attempts: Option<Spanned<i64>>,
+    retry_delay: Option<Spanned<String>>,
+    backoff: Option<Spanned<String>>,
+    max_retry_delay: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    name: Spanned<String>,
+    path: Spanned<String>,
+    methods: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    method: BTreeMap<Spanned<String>, RawMethodSettings>,
+    max_attempts: Option<Spanned<i64>>,
+    retry_delay: Option<Spanned<String>>,
+    backoff: Option<Spanned<String>>,
+    max_retry_delay: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawMethodSettings {
+    max_attempts: Option<Spanned<i64>>,
+    retry_delay: Option<Spanned<String>>,
+    backoff: Option<Spanned<String>>,
+    max_retry_delay: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+/// Copies the method settings a `[host]` or `[[plugin]]` table sets.
+macro_rules! method_settings_of {
+    ($table:expr) => {
+        RawMethodSettings {
+            max_attempts: $table.max_attempts.clone(),
+            retry_delay: $table.retry_delay.clone(),
+            backoff: $table.backoff.clone(),
+            max_retry_delay: $table.max_retry_delay.clone(),
+            timeout: $table.timeout.clone(),
+        }
+    };
+}
+
+struct Source<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    /// Returns the 1-based line of the byte range `span`.
+    fn line(&self, span: &Range<usize>) -> usize {
+        let end = span.start.min(self.text.len());
+        self.text.as_bytes()[..end].iter().filter(|&&byte| byte == b'\n').count() + 1
+    }
+
+    fn problem(&self, span: &Range<usize>, message: impl Into<String>) -> Problem {
+        Problem { path: self.path.to_owned(), line: Some(self.line(span)), message: message.into() }
+    }
+}
+
+fn validate(source: &Source<'_>, raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
+    let folder = source.path.parent().unwrap_or(Path::new(".")).to_owned();
+    let host = &raw.host;
+
+    let database = match &host.database {
+        None => Database::Sqlite(folder.join("jobhost.db")),
+        Some(url) => parse_database(url.get_ref(), &folder).unwrap_or_else(|message| {
+            problems.push(source.problem(&url.span(), message));
+            Database::Sqlite(folder.join("jobhost.db"))
+        }),
+    };
+
+    let default_concurrency = std::thread::available_parallelism().map_or(4, usize::from);
+    let concurrency = positive_count(source, "concurrency", host.concurrency.as_ref(), 1, 1024, problems)
+        .unwrap_or(default_concurrency);
+    let prefetch = positive_count(source, "prefetch", host.prefetch.as_ref(), 0, 100_000, problems).unwrap_or(0);
+
+    let poll_interval = duration_setting(source, "poll_interval", host.poll_interval.as_ref(), false, problems)
+        .unwrap_or(Duration::from_secs(1));
+    let lease = duration_setting(source, "lease", host.lease.as_ref(), false, problems).unwrap_or(Duration::from_secs(30));
+    if let Some(spanned) = &host.lease
+        && lease < Duration::from_secs(1)
+    {
+        problems.push(source.problem(&spanned.span(), "lease must be at least 1s, so that renewals can keep up"));
+    }
+    let shutdown_grace = duration_setting(source, "shutdown_grace", host.shutdown_grace.as_ref(), true, problems)
+        .unwrap_or(Duration::from_secs(10));
+
+    let log_dir = folder.join(host.log_dir.as_deref().unwrap_or("logs"));
+    let host_defaults = method_settings(source, &method_settings_of!(host), &MethodSettings::default(), problems);
+
+    let mut plugins: Vec<PluginConfig> = Vec::new();
+    let mut seen_names = BTreeSet::new();
+    for raw_plugin in &raw.plugin {
+        let name = raw_plugin.name.get_ref().trim().to_owned();
+        let name_span = raw_plugin.name.span();
+        if name.is_empty() {
+            problems.push(source.problem(&name_span, "plugin name is empty; give the plugin a name"));
+        } else if !seen_names.insert(name.clone()) {
+            problems.push(source.problem(&name_span, format!("duplicate plugin name {name:?}; each [[plugin]] needs its own name")));
+        }
+
+        let path = raw_plugin.path.get_ref();
+        if path.trim().is_empty() {
+            problems.push(source.problem(&raw_plugin.path.span(), format!("plugin {name:?}: path is empty; set it to the library file")));
+        }
+        let path = folder.join(path);
+
+        let plugin_defaults = method_settings(source, &method_settings_of!(raw_plugin), &host_defaults, problems);
+        let mut methods = BTreeMap::new();
+        if raw_plugin.methods.get_ref().is_empty() {
+            problems.push(source.problem(
+                &raw_plugin.methods.span(),
+                format!("plugin {name:?}: methods is empty, so nothing could run; list the methods to allow"),
+            ));
+        }
+        for method in raw_plugin.methods.get_ref() {
+            if methods.insert(method.get_ref().clone(), plugin_defaults.clone()).is_some() {
+                problems.push(source.problem(&method.span(), format!("plugin {name:?}: method {:?} is listed twice", method.get_ref())));
+            }
+        }
+        for (method, raw_settings) in &raw_plugin.method {
+            match methods.get_mut(method.get_ref()) {
+                Some(settings) => *settings = method_settings(source, raw_settings, &plugin_defaults, problems),
+                None => problems.push(source.problem(
+                    &method.span(),
+                    format!(
+                        "plugin {name:?}: [plugin.method.{}] sets a method that is not in methods; add it to methods or remove the table",
+                        method.get_ref()
+                    ),
+                )),
+            }
+        }
+
+        plugins.push(PluginConfig { name, path, line: source.line(&name_span), methods });
+    }
+
+    Config {
+        path: source.path.to_owned(),
+        host: HostSettings {
+            database,
+            concurrency,
+            prefetch,
+            poll_interval,
+            lease,
+            shutdown_grace,
+            log_dir,
+            synchronous: host.synchronous.unwrap_or(Synchronous::Normal),
+        },
+        plugins,
+    }
+}
+
+fn parse_database(url: &str, folder: &Path) -> Result<Database, String> {
+    if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+        let path = path.split('?').next().unwrap_or(path);
+        if path.is_empty() || path == ":memory:" {
+            return Err(format!(
+                "database {url:?} has no file; give a path such as \"sqlite://jobhost.db\", because daemons and the CLI share jobs through the file"
+            ));
+        }
+        return Ok(Database::Sqlite(folder.join(path)));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err(format!("database {url:?}: PostgreSQL is not supported by this build yet; use a sqlite:// URL"));
+    }
+    Err(format!("database {url:?} is not a supported URL; use \"sqlite://PATH\""))
+}
+
+fn positive_count(
+    source: &Source<'_>,
+    key: &str,
+    value: Option<&Spanned<i64>>,
+    min: i64,
+    max: i64,
+    problems: &mut Vec<Problem>,
+) -> Option<usize> {
+    let value = value?;
+    let number = *value.get_ref();
+    if number < min || number > max {
+        problems.push(source.problem(&value.span(), format!("{key} = {number} is out of range; use a whole number from {min} to {max}")));
+        return None;
+    }
+    Some(number as usize)
+}
+
+/// Parses a duration setting such as `"5s"`, `"250ms"` or `"1h 30m"`.
+fn duration_setting(
+    source: &Source<'_>,
+    key: &str,
+    value: Option<&Spanned<String>>,
+    allow_zero: bool,
+    problems: &mut Vec<Problem>,
+) -> Option<Duration> {
+    let value = value?;
+    match parse_duration(value.get_ref()) {
+        Ok(duration) if duration.is_zero() && !allow_zero => {
+            problems.push(source.problem(&value.span(), format!("{key} = {:?} must be longer than zero", value.get_ref())));
+            None
+        }
+        Ok(duration) => Some(duration),
+        Err(message) => {
+            problems.push(source.problem(&value.span(), format!("{key} = {:?}: {message}", value.get_ref())));
+            None
+        }
+    }
+}
+
+/// Parses a human duration (`"5s"`, `"250ms"`, `"2m 30s"`), rejecting negative ones.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    if trimmed.starts_with('-') {
+        return Err("a duration cannot be negative; use a value such as \"0s\" or \"30s\"".to_owned());
+    }
+    humantime::parse_duration(trimmed)
+        .map_err(|error| format!("not a duration ({error}); use a number with a unit, such as \"500ms\", \"30s\", \"5m\" or \"1h\""))
+}
+
+fn method_settings(
+    source: &Source<'_>,
+    raw: &RawMethodSettings,
+    inherited: &MethodSettings,
+    problems: &mut Vec<Problem>,
+) -> MethodSettings {
+    let mut settings = inherited.clone();
+    if let Some(value) = &raw.max_attempts {
+        let number = *value.get_ref();
+        if (1..=i64::from(MAX_MAX_ATTEMPTS)).contains(&number) {
+            settings.max_attempts = number as u32;
+        } else {
+            problems.push(source.problem(
+                &value.span(),
+                format!("max_attempts = {number} is out of range; use 1 (no retry) up to {MAX_MAX_ATTEMPTS}"),
+            ));
+        }
+    }
+    if let Some(delay) = duration_setting(source, "retry_delay", raw.retry_delay.as_ref(), true, problems) {
+        settings.retry_delay = delay;
+    }
+    if let Some(delay) = duration_setting(source, "max_retry_delay", raw.max_retry_delay.as_ref(), true, problems) {
+        settings.max_retry_delay = delay;
+    }
+    if let Some(timeout) = duration_setting(source, "timeout", raw.timeout.as_ref(), false, problems) {
+        settings.timeout = Some(timeout);
+    }
+    if let Some(value) = &raw.backoff {
+        match value.get_ref().as_str() {
+            "fixed" => settings.backoff = Backoff::Fixed,
+            "exponential" => settings.backoff = Backoff::Exponential,
+            other => problems.push(source.problem(&value.span(), format!("backoff = {other:?} is unknown; use \"fixed\" or \"exponential\""))),
+        }
+    }
+    settings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/srv/jobs.toml"), text)
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        parse(text).expect_err("config should be invalid").problems()
+    }
+
+    #[test]
+    fn defaults_fill_an_empty_file() {
+        let config = parse("").unwrap();
+        assert_eq!(config.host.database, Database::Sqlite(PathBuf::from("/srv/jobhost.db")));
+        assert_eq!(config.host.poll_interval, Duration::from_secs(1));
+        assert_eq!(config.host.log_dir, PathBuf::from("/srv/logs"));
+        assert!(config.plugins.is_empty());
+    }
+
+    #[test]
+    fn settings_inherit_host_then_plugin_then_method() {
+        let config = parse(
+            r#"
+            [host]
+            max_attempts = 7
+            retry_delay = "1s"
+
+            [[plugin]]
+            name = "demo"
+            path = "libdemo.so"
+            methods = ["a", "b", "c"]
+            backoff = "exponential"
+
+            [plugin.method.b]
+            max_attempts = 2
+            timeout = "30s"
+            "#,
+        )
+        .unwrap();
+        let plugin = config.plugin("demo").unwrap();
+        assert_eq!(plugin.path, PathBuf::from("/srv/libdemo.so"));
+        let a = &plugin.methods["a"];
+        assert_eq!(a.max_attempts, 7);
+        assert_eq!(a.retry_delay, Duration::from_secs(1));
+        assert_eq!(a.backoff, Backoff::Exponential);
+        let b = &plugin.methods["b"];
+        assert_eq!(b.max_attempts, 2);
+        assert_eq!(b.backoff, Backoff::Exponential);
+        assert_eq!(b.timeout, Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let found = problems(
+            r#"[host]
+poll_interval = "soon"
+concurrency = 0
+
+[[plugin]]
+name = "demo"
+path = "a.so"
+methods = ["x", "x"]
+backoff = "linear"
+
+[[plugin]]
+name = "demo"
+path = "b.so"
+methods = ["y"]
+
+[plugin.method.z]
+max_attempts = 0
+"#,
+        );
+        let expected_lines = ["jobs.toml:2:", "jobs.toml:3:", "jobs.toml:8:", "jobs.toml:9:", "jobs.toml:12:", "jobs.toml:16:"];
+        for expected in expected_lines {
+            assert!(found.iter().any(|problem| problem.contains(expected)), "no problem at {expected} in {found:#?}");
+        }
+    }
+
+    #[test]
+    fn type_error_names_its_line() {
+        let found = problems("[host]\nconcurrency = \"many\"\n");
+        assert_eq!(found.len(), 1);
+        assert!(found[0].starts_with("/srv/jobs.toml:2:"), "{}", found[0]);
+        assert!(!found[0].contains('\n'));
+    }
+
+    #[test]
+    fn syntax_error_names_its_line() {
+        let found = problems("[host]\n\nconcurrency = = 3\n");
+        assert!(found[0].starts_with("/srv/jobs.toml:3:"), "{}", found[0]);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let found = problems("[host]\nconcurency = 3\n");
+        assert!(found[0].contains("concurency"), "{}", found[0]);
+    }
+
+    #[test]
+    fn negative_duration_is_rejected() {
+        let found = problems("[host]\nretry_delay = \"-5s\"\n");
+        assert!(found[0].contains("cannot be negative"), "{}", found[0]);
+    }
+
+    #[test]
+    fn postgres_url_is_rejected_for_now() {
+        let found = problems("[host]\ndatabase = \"postgres://localhost/test\"\n");
+        assert!(found[0].contains("PostgreSQL"), "{}", found[0]);
+    }
+
+    #[test]
+    fn exponential_backoff_is_capped_and_never_overflows() {
+        let settings = MethodSettings {
+            retry_delay: Duration::from_secs(5),
+            backoff: Backoff::Exponential,
+            max_retry_delay: Duration::from_secs(60),
+            ..MethodSettings::default()
+        };
+        assert_eq!(settings.retry_delay_after(1), Duration::from_secs(5));
+        assert_eq!(settings.retry_delay_after(2), Duration::from_secs(10));
+        assert_eq!(settings.retry_delay_after(4), Duration::from_secs(40));
+        assert_eq!(settings.retry_delay_after(5), Duration::from_secs(60));
+        assert_eq!(settings.retry_delay_after(u32::MAX), Duration::from_secs(60));
+        let uncapped = MethodSettings { max_retry_delay: Duration::MAX, ..settings };
+        assert!(uncapped.retry_delay_after(u32::MAX) > Duration::from_secs(1 << 40));
+    }
+
+    #[test]
+    fn whitelist_lookup_explains_rejection() {
+        let config = parse("[[plugin]]\nname = \"demo\"\npath = \"a.so\"\nmethods = [\"handle\"]\n").unwrap();
+        assert!(config.method("demo", "handle").is_ok());
+        let error = config.method("demo", "update").unwrap_err();
+        assert_eq!(error.to_string(), "plugin \"demo\": method \"update\" is not in the whitelist; add it to methods in jobs.toml");
+        let error = config.method("mail", "send").unwrap_err();
+        assert!(error.to_string().contains("known plugins: demo"), "{error}");
+    }
+}

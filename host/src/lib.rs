@@ -1,0 +1,18 @@
+//! jobhost: a background job runner for native plugin libraries.
+//!
+//! Data flows one way: [`config`] (jobs.toml) → [`registry`] (loaded plugin
+//! libraries) → [`scheduler`] (claims, leases, rescue) → [`executor`] (runs a
+//! job) → [`store`] (the jobs table). [`client`] dispatches jobs from an
+//! application; [`cli`] is the `jobhost` command.
+pub mod config;
+pub mod executor;
+pub mod registry;
+pub mod scheduler;
+pub mod store;
+pub mod time;
+pub mod wake;
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod logging;
+pub mod view;

@@ -1,0 +1,291 @@
+//! The jobs table: one database-agnostic interface, [`Store`], with one
+//! implementation per backend.
+//!
+//! Every change of a job's status goes through this interface, in one
+//! transaction with the history rows it implies: an attempt row when a run
+//! ends, a status event for every change, and the release or cancellation of
+//! chained children. Writes for a run are made only while the daemon that
+//! claimed it still owns it (same lease owner, same attempt, still running),
+//! so a late result never overwrites a newer state.
+
+mod sqlite;
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub use sqlite::SqliteStore;
+
+use crate::time::Timestamp;
+
+/// Primary key of a job.
+pub type JobId = i64;
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Chained behind a parent that has not succeeded yet.
+    Waiting,
+    /// Due at `run_at`, waiting for a worker.
+    Pending,
+    /// Claimed by a daemon, which holds its lease.
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub const ALL: [Status; 6] = [Self::Waiting, Self::Pending, Self::Running, Self::Succeeded, Self::Failed, Self::Cancelled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// True for the states a job never leaves on its own.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Status {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|status| status.as_str() == text)
+            .ok_or_else(|| format!("unknown status {text:?}; use one of waiting, pending, running, succeeded, failed, cancelled"))
+    }
+}
+
+/// A job to insert.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub plugin: String,
+    pub method: String,
+    /// Params as JSON text.
+    pub params: String,
+    /// 1 (runs first) to 10.
+    pub priority: u8,
+    /// How long after dispatch the job becomes due. Chained jobs count it
+    /// from the moment their parent succeeds.
+    pub delay: Duration,
+    pub max_attempts: u32,
+}
+
+/// A job with the jobs chained behind it: `then[0]` runs after `head`
+/// succeeds, `then[1]` after `then[0]`, and so on.
+#[derive(Debug, Clone)]
+pub struct NewChain {
+    pub head: NewJob,
+    pub then: Vec<NewJob>,
+}
+
+/// A job a daemon has claimed and now owns.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub id: JobId,
+    pub plugin: String,
+    pub method: String,
+    pub params: String,
+    /// This run's number, counting from 1.
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub priority: u8,
+    pub run_at: Timestamp,
+    pub created_at: Timestamp,
+    pub started_at: Timestamp,
+}
+
+/// The end of one run, to be written by [`Store::finish`].
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub id: JobId,
+    pub attempt: u32,
+    /// How long the method ran.
+    pub duration: Duration,
+    pub outcome: FinishedOutcome,
+}
+
+/// What a run ended with, after the retry policy has been applied.
+#[derive(Debug, Clone)]
+pub enum FinishedOutcome {
+    Succeeded { output: String },
+    /// Run again after `delay`.
+    Retry { error: String, delay: Duration },
+    Failed { error: String },
+}
+
+/// What [`Store::finish`] wrote.
+#[derive(Debug, Clone, Default)]
+pub struct FinishReport {
+    /// Results written, with the status each job ended in.
+    pub written: Vec<(JobId, Status)>,
+    /// Results dropped because the run was no longer owned: cancelled,
+    /// rescued by another daemon, or already written.
+    pub discarded: Vec<JobId>,
+    /// Chained children that became pending.
+    pub released: Vec<JobId>,
+    /// Chained descendants cancelled because their parent failed.
+    pub cancelled: Vec<JobId>,
+}
+
+/// A running job whose lease had expired, put back or failed by [`Store::rescue`].
+#[derive(Debug, Clone)]
+pub struct Rescued {
+    pub id: JobId,
+    pub plugin: String,
+    pub method: String,
+    /// The daemon that lost it.
+    pub owner: String,
+    pub attempt: u32,
+    /// `Pending` when attempts remain, else `Failed`.
+    pub status: Status,
+}
+
+/// A job as stored, for `show`, `list` and the API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub plugin: String,
+    pub method: String,
+    pub params: String,
+    pub status: Status,
+    pub priority: u8,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub run_at: Timestamp,
+    pub created_at: Timestamp,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+    pub output: Option<String>,
+    pub last_error: Option<String>,
+    pub progress: Option<f64>,
+    pub parent_id: Option<JobId>,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<Timestamp>,
+}
+
+/// One run of a job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    pub started_at: Timestamp,
+    pub finished_at: Timestamp,
+    pub duration: Option<Duration>,
+    /// None when the run succeeded.
+    pub error: Option<String>,
+    pub owner: Option<String>,
+}
+
+/// One change of a job's status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    pub status: Status,
+    pub at: Timestamp,
+    pub message: Option<String>,
+}
+
+/// Which jobs [`Store::list`] returns: newest first, `limit` at most, with
+/// ids below `before_id` when it is set (keyset pagination).
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub status: Option<Status>,
+    pub plugin: Option<String>,
+    pub method: Option<String>,
+    pub before_id: Option<JobId>,
+    pub limit: u32,
+}
+
+/// What [`Store::cancel`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The job was cancelled from `previous`, with its chained descendants.
+    Cancelled { previous: Status, descendants: Vec<JobId> },
+    /// The job had already ended; nothing changed.
+    AlreadyFinal(Status),
+    NotFound,
+}
+
+/// What [`Store::retry`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryOutcome {
+    /// The job is pending again, and its cancelled descendants waiting again.
+    Requeued { previous: Status, descendants: Vec<JobId> },
+    /// Only failed and cancelled jobs can be retried.
+    NotRetryable(Status),
+    NotFound,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the database {url}: {source}")]
+    Open { url: String, source: sqlx::Error },
+    #[error("database migration failed on {url}: {source}; the database may be newer than this jobhost")]
+    Migrate { url: String, source: sqlx::migrate::MigrateError },
+    #[error("database query failed: {0}")]
+    Query(#[from] sqlx::Error),
+    #[error("job {id} has an invalid {column} value {value:?} in the database")]
+    Corrupt { id: JobId, column: &'static str, value: String },
+}
+
+/// The jobs table, whatever database holds it.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Inserts each chain in one transaction, returning the id of each head.
+    async fn dispatch(&self, chains: &[NewChain]) -> Result<Vec<JobId>, StoreError>;
+
+    /// Claims up to `limit` due jobs for `owner`, in priority, run-at, id
+    /// order, and leases them for `lease`.
+    async fn claim(&self, owner: &str, limit: usize, lease: Duration) -> Result<Vec<ClaimedJob>, StoreError>;
+
+    /// Writes the results of runs that `owner` still owns, discarding the rest.
+    async fn finish(&self, owner: &str, results: &[Finished]) -> Result<FinishReport, StoreError>;
+
+    /// Extends the leases of `owner`'s running jobs and records their
+    /// progress. Returns the ids among `running` that `owner` no longer owns
+    /// (cancelled or rescued), so that their runs can be told to stop.
+    async fn renew(&self, owner: &str, lease: Duration, running: &[(JobId, Option<f64>)]) -> Result<Vec<JobId>, StoreError>;
+
+    /// Puts back, or fails when out of attempts, every running job whose lease
+    /// has expired. The interrupted run counts as an attempt.
+    async fn rescue(&self) -> Result<Vec<Rescued>, StoreError>;
+
+    /// Returns `owner`'s unfinished runs to pending at shutdown, without
+    /// charging them an attempt.
+    async fn hand_back(&self, owner: &str, ids: &[JobId]) -> Result<u64, StoreError>;
+
+    /// When the next pending job becomes due, if any is pending.
+    async fn next_due(&self) -> Result<Option<Timestamp>, StoreError>;
+
+    async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>, StoreError>;
+    async fn attempts(&self, id: JobId) -> Result<Vec<AttemptRecord>, StoreError>;
+    async fn events(&self, id: JobId) -> Result<Vec<EventRecord>, StoreError>;
+    async fn children(&self, id: JobId) -> Result<Vec<JobId>, StoreError>;
+    async fn counts(&self) -> Result<Vec<(Status, u64)>, StoreError>;
+
+    /// Cancels a job that has not ended, and its chained descendants.
+    async fn cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError>;
+
+    /// Requeues a failed or cancelled job with `extra_attempts` more runs.
+    async fn retry(&self, id: JobId, extra_attempts: u32) -> Result<RetryOutcome, StoreError>;
+}
