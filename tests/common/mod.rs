@@ -1,0 +1,297 @@
+//! Shared helpers for the end-to-end tests: build the real binary and plugins
+//! once per test process, write a jobs.toml in a temporary folder, run
+//! `jobhost` commands and daemons, and wait on conditions with deadlines.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Paths of the built binary and plugin libraries.
+pub struct Build {
+    pub jobhost: PathBuf,
+    pub demo: PathBuf,
+    pub files: PathBuf,
+}
+
+/// Builds `jobhost` and the plugins with the profile of this test binary,
+/// once per test process. `cargo test` builds neither the plugins' cdylib
+/// files nor another package's binary, so the tests build them here.
+pub fn build() -> &'static Build {
+    static BUILD: OnceLock<Build> = OnceLock::new();
+    BUILD.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut command = Command::new(cargo);
+        command
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["build", "--quiet", "-p", "jobhost", "-p", "jobhost-demo", "-p", "jobhost-files"]);
+        if !cfg!(debug_assertions) {
+            command.arg("--release");
+        }
+        let status = command.status().expect("cargo should start");
+        assert!(status.success(), "building jobhost and the plugins failed: {status}");
+
+        // This test binary lives in target/<profile>/deps/.
+        let exe = std::env::current_exe().expect("the test binary has a path");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_owned();
+        let build = Build {
+            jobhost: profile_dir.join("jobhost"),
+            demo: profile_dir.join("libjobhost_demo.so"),
+            files: profile_dir.join("libjobhost_files.so"),
+        };
+        for path in [&build.jobhost, &build.demo, &build.files] {
+            assert!(path.exists(), "{} was not built", path.display());
+        }
+        build
+    })
+}
+
+/// Host settings suited to tests: short polls, leases and retry delays.
+pub const TEST_HOST: &str = r#"
+database = "sqlite://jobs.db"
+concurrency = 4
+poll_interval = "200ms"
+lease = "2s"
+shutdown_grace = "5s"
+retry_delay = "100ms"
+log_dir = "logs"
+"#;
+
+/// A temporary folder with a jobs.toml, where commands and daemons run.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Env {
+    /// The demo plugin with every method but `update` whitelisted, and the files plugin.
+    pub fn new() -> Self {
+        Self::with_host(TEST_HOST)
+    }
+
+    /// Like [`Env::new`], with the given `[host]` body.
+    pub fn with_host(host: &str) -> Self {
+        Self::with_parts(host, "")
+    }
+
+    /// Like [`Env::with_host`], with `demo_tables` (such as
+    /// `[plugin.method.sleep]` tables) after the demo plugin's entry.
+    pub fn with_parts(host: &str, demo_tables: &str) -> Self {
+        let build = build();
+        let plugins = format!(
+            r#"
+[[plugin]]
+name = "demo"
+path = {demo:?}
+methods = ["handle", "noop", "flaky", "sleep", "panic", "fail", "record"]
+{demo_tables}
+
+[[plugin]]
+name = "files"
+path = {files:?}
+methods = ["sha256", "gzip"]
+"#,
+            demo = build.demo.display().to_string(),
+            files = build.files.display().to_string(),
+        );
+        Self::with_config(&format!("[host]{host}\n{plugins}"))
+    }
+
+    /// A folder whose jobs.toml is exactly `text`.
+    pub fn with_config(text: &str) -> Self {
+        let dir = tempfile::Builder::new().prefix("jobhost-test-").tempdir().expect("temporary folder");
+        let config = dir.path().join("jobs.toml");
+        std::fs::write(&config, text).expect("write jobs.toml");
+        Self { dir, config }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn database(&self) -> PathBuf {
+        self.path("jobs.db")
+    }
+
+    /// Replaces jobs.toml with `text`.
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(&self.config, text).expect("write jobs.toml");
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&build().jobhost);
+        command.current_dir(self.dir.path()).arg("--config").arg(&self.config).args(args).env_remove("RUST_LOG");
+        command
+    }
+
+    /// Runs `jobhost ARGS` to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("jobhost should start")
+    }
+
+    /// Runs `jobhost ARGS`, asserts that it succeeded, and returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(output.status.success(), "jobhost {args:?} failed: {}", describe(&output));
+        String::from_utf8(output.stdout).expect("utf-8 stdout")
+    }
+
+    /// Runs `jobhost ARGS`, asserts that it failed, and returns its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(!output.status.success(), "jobhost {args:?} should fail: {}", describe(&output));
+        String::from_utf8(output.stderr).expect("utf-8 stderr")
+    }
+
+    /// Dispatches a job and returns its id.
+    pub fn dispatch(&self, args: &[&str]) -> i64 {
+        let mut full = vec!["dispatch"];
+        full.extend_from_slice(args);
+        let stdout = self.ok(&full);
+        stdout.trim().parse().unwrap_or_else(|_| panic!("dispatch printed {stdout:?}, not a job id"))
+    }
+
+    /// Dispatches a `demo.record` job that appends to `file` with `tag`.
+    pub fn dispatch_record(&self, file: &Path, tag: &str, extra: &[&str]) -> i64 {
+        let params = serde_json::json!({"file": file, "tag": tag}).to_string();
+        let mut args = vec!["demo", "record", "--params", &params];
+        args.extend_from_slice(extra);
+        self.dispatch(&args)
+    }
+
+    /// Returns `jobhost show ID --json`.
+    pub fn show(&self, id: i64) -> Value {
+        let stdout = self.ok(&["show", &id.to_string(), "--json"]);
+        serde_json::from_str(&stdout).expect("show --json prints JSON")
+    }
+
+    pub fn status(&self, id: i64) -> String {
+        self.show(id)["status"].as_str().expect("status is a string").to_owned()
+    }
+
+    /// Waits until job `id` has `status`, failing after `timeout`.
+    pub fn wait_for_status(&self, id: i64, status: &str, timeout: Duration) -> Value {
+        let mut last = Value::Null;
+        let reached = wait_until(timeout, || {
+            last = self.show(id);
+            last["status"] == status
+        });
+        assert!(reached, "job {id} did not reach {status} within {timeout:?}; last seen: {last:#}");
+        last
+    }
+
+    /// Starts `jobhost run` in the background; it is killed when dropped.
+    pub fn start_daemon(&self, args: &[&str]) -> Daemon {
+        let log = self.path(&format!("daemon-{}.stderr", rand_suffix()));
+        let stderr = std::fs::File::create(&log).expect("daemon log file");
+        let mut full = vec!["run"];
+        full.extend_from_slice(args);
+        let child = self.command(&full).stdout(Stdio::null()).stderr(stderr).spawn().expect("daemon should start");
+        Daemon { child: Some(child), log }
+    }
+
+    /// Reads a file that `demo.record` jobs append to: one (job id, attempt, tag) per run.
+    pub fn records(&self, file: &Path) -> Vec<(i64, u32, String)> {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        text.lines()
+            .map(|line| {
+                let mut parts = line.splitn(3, ' ');
+                let id = parts.next().and_then(|id| id.parse().ok()).expect("job id");
+                let attempt = parts.next().and_then(|attempt| attempt.parse().ok()).expect("attempt");
+                (id, attempt, parts.next().unwrap_or_default().to_owned())
+            })
+            .collect()
+    }
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A `jobhost run` process, killed on drop if still running.
+pub struct Daemon {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("daemon running").id() as i32
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill has no memory-safety requirements.
+        let result = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(result, 0, "kill({}, {signal}) failed", self.pid());
+    }
+
+    /// Waits for the daemon to exit and returns its exit code.
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut().expect("daemon running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "daemon did not exit within {timeout:?}; log:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => child.try_wait().expect("try_wait").is_none(),
+            None => false,
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn describe(output: &Output) -> String {
+    format!(
+        "{}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Appends `text` to the file at `path`.
+pub fn append(path: &Path, text: &str) {
+    let mut file = std::fs::OpenOptions::new().append(true).open(path).expect("open for append");
+    file.write_all(text.as_bytes()).expect("append");
+}
