@@ -286,6 +286,7 @@ pub trait Store: Send + Sync + 'static {
     /// Cancels a job that has not ended, and its chained descendants.
     async fn cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError>;
 
-    /// Requeues a failed or cancelled job with `extra_attempts` more runs.
+    /// Requeues a failed or cancelled job with `extra_attempts` more runs
+    /// (at least one).
     async fn retry(&self, id: JobId, extra_attempts: u32) -> Result<RetryOutcome, StoreError>;
 }

@@ -130,6 +130,8 @@ impl SqliteStore {
         &self.path
     }
 
+    /// Starts a write transaction. Callers read the clock after this
+    /// returns, so that times written follow the commit order.
     async fn begin_write(&self) -> Result<WriteTransaction, StoreError> {
         let guard = self.write_lock.clone().lock_owned().await;
         let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
@@ -240,8 +242,8 @@ impl Store for SqliteStore {
             parent: Option<JobId>,
         }
 
-        let now = Timestamp::now();
         let mut tx = self.begin_write().await?;
+        let now = Timestamp::now();
         let mut heads = Vec::with_capacity(chains.len());
         let mut events = Vec::new();
 
@@ -309,8 +311,8 @@ impl Store for SqliteStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let now = Timestamp::now();
         let mut tx = self.begin_write().await?;
+        let now = Timestamp::now();
         let rows = sqlx::query(
             "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?1, updated_at = ?1,
                     finished_at = NULL, progress = NULL, lease_owner = ?2, lease_expires_at = ?3
@@ -387,9 +389,16 @@ impl Store for SqliteStore {
                 ResultRow { id: result.id, attempt: result.attempt, kind, output, error, delay_us: micros(delay) }
             })
             .collect();
+        // UPDATE ... FROM applies an arbitrary one of several rows that match
+        // a job, so only the first result for each run goes to the database.
+        // Repeats are discarded below, like any result already written.
+        let mut runs = std::collections::HashSet::with_capacity(results.len());
+        let first_for_run: Vec<bool> = results.iter().map(|result| runs.insert((result.id, result.attempt))).collect();
+        let unique_rows: Vec<&ResultRow> =
+            rows.iter().zip(&first_for_run).filter(|&(_, &first)| first).map(|(row, _)| row).collect();
 
-        let now = Timestamp::now();
         let mut tx = self.begin_write().await?;
+        let now = Timestamp::now();
         let written = sqlx::query(
             "UPDATE jobs SET
                  status = CASE r.kind WHEN 'retry' THEN 'pending' ELSE r.kind END,
@@ -403,9 +412,9 @@ impl Store for SqliteStore {
                           value ->> 'output' AS output, value ->> 'error' AS error, value ->> 'delay_us' AS delay_us
                    FROM json_each(?1)) AS r
              WHERE jobs.id = r.id AND +jobs.status = 'running' AND +jobs.lease_owner = ?2 AND jobs.attempts = r.attempt
-             RETURNING jobs.id, jobs.status, jobs.started_at",
+             RETURNING jobs.id, jobs.status, jobs.started_at, jobs.attempts",
         )
-        .bind(to_json(&rows))
+        .bind(to_json(&unique_rows))
         .bind(owner)
         .bind(now.0)
         .fetch_all(&mut *tx)
@@ -416,13 +425,17 @@ impl Store for SqliteStore {
             let id: JobId = row.try_get("id")?;
             let status: String = row.try_get("status")?;
             report.written.push((id, status_of(id, &status)?));
-            started.insert(id, row.try_get::<Option<i64>, _>("started_at")?.unwrap_or(now.0));
+            let attempt = row.try_get::<i64, _>("attempts")? as u32;
+            started.insert(id, (attempt, row.try_get::<Option<i64>, _>("started_at")?.unwrap_or(now.0)));
         }
 
         let mut attempts = Vec::with_capacity(written.len());
         let mut events = Vec::with_capacity(written.len());
-        for (result, row) in results.iter().zip(&rows) {
-            let Some(&started_at) = started.get(&result.id) else {
+        for ((result, row), &first) in results.iter().zip(&rows).zip(&first_for_run) {
+            // A batch may also hold a stale attempt's result next to the
+            // current one, so a result counts only for the attempt written.
+            let written_run = started.get(&result.id).filter(|&&(attempt, _)| first && attempt == result.attempt);
+            let Some(&(_, started_at)) = written_run else {
                 report.discarded.push(result.id);
                 continue;
             };
@@ -491,8 +504,8 @@ impl Store for SqliteStore {
             progress: f64,
         }
 
-        let now = Timestamp::now();
         let mut tx = self.begin_write().await?;
+        let now = Timestamp::now();
         let ids: Vec<JobId> = running.iter().map(|&(id, _)| id).collect();
         let owned: Vec<JobId> = sqlx::query_scalar(
             "UPDATE jobs SET lease_expires_at = ?1
@@ -527,8 +540,8 @@ impl Store for SqliteStore {
     }
 
     async fn rescue(&self) -> Result<Vec<Rescued>, StoreError> {
-        let now = Timestamp::now();
         let mut tx = self.begin_write().await?;
+        let now = Timestamp::now();
         let expired = sqlx::query(
             "SELECT id, plugin, method, lease_owner, attempts, max_attempts, started_at FROM jobs INDEXED BY jobs_status
              WHERE status = 'running' AND lease_expires_at < ?1",
@@ -596,8 +609,8 @@ impl Store for SqliteStore {
         if ids.is_empty() {
             return Ok(0);
         }
-        let now = Timestamp::now();
         let mut tx = self.begin_write().await?;
+        let now = Timestamp::now();
         let handed: Vec<JobId> = sqlx::query_scalar(
             "UPDATE jobs SET status = 'pending', attempts = attempts - 1, run_at = ?3, updated_at = ?3,
                     started_at = NULL, lease_owner = NULL, lease_expires_at = NULL
@@ -713,8 +726,8 @@ impl Store for SqliteStore {
     }
 
     async fn cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError> {
-        let now = Timestamp::now();
         let mut tx = self.begin_write().await?;
+        let now = Timestamp::now();
         let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?1").bind(id).fetch_optional(&mut *tx).await?;
         let Some(status) = status else {
             return Ok(CancelOutcome::NotFound);
@@ -741,8 +754,8 @@ impl Store for SqliteStore {
     }
 
     async fn retry(&self, id: JobId, extra_attempts: u32) -> Result<RetryOutcome, StoreError> {
-        let now = Timestamp::now();
         let mut tx = self.begin_write().await?;
+        let now = Timestamp::now();
         let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?1").bind(id).fetch_optional(&mut *tx).await?;
         let Some(status) = status else {
             return Ok(RetryOutcome::NotFound);
