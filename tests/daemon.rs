@@ -381,3 +381,30 @@ fn parse_time(value: &serde_json::Value) -> f64 {
     let output = std::process::Command::new("date").args(["-u", "-d", text, "+%s.%N"]).output().unwrap();
     String::from_utf8(output.stdout).unwrap().trim().parse().unwrap()
 }
+
+#[test]
+fn cancel_running_job_stops_it() {
+    let env = Env::with_host(&TEST_HOST.replace("concurrency = 4", "concurrency = 1").replace("lease = \"2s\"", "lease = \"30s\""));
+    let long = env.dispatch(&["demo", "sleep", "--params", "60000", "--then", "demo:handle:\"never\""]);
+    let mut daemon = env.start_daemon(&[]);
+    env.wait_for_status(long, "running", LONG);
+
+    let output = env.ok(&["cancel", &long.to_string()]);
+    assert!(output.starts_with(&format!("cancelled job {long} (was running)")), "{output}");
+    let child = env.show(long)["children"][0].as_i64().unwrap();
+    assert_eq!(env.status(child), "cancelled");
+
+    // The only worker is free again well before the 60 s sleep would end,
+    // and long before the 10 s lease renewal: the cancel woke the daemon.
+    let next = env.dispatch(&["demo", "handle", "--params", "\"next\""]);
+    let started = std::time::Instant::now();
+    env.wait_for_status(next, "succeeded", LONG);
+    assert!(started.elapsed() < Duration::from_secs(5), "the cancelled run kept its worker for {:?}", started.elapsed());
+
+    let job = env.show(long);
+    assert_eq!(job["status"], "cancelled", "the late result must not overwrite the cancel: {job:#}");
+    assert_eq!(job["last_error"], "cancelled by hand");
+    let stopped = wait_until(LONG, || daemon.stderr().contains("result discarded"));
+    assert!(stopped, "the daemon never discarded the cancelled run's result:\n{}", daemon.stderr());
+    assert!(daemon.is_running());
+}
