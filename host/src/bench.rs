@@ -53,7 +53,7 @@ pub struct DispatcherArgs {
     interval_ms: u64,
 }
 
-/// Why the benchmark could not run.
+/// Errors that stop the benchmark.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error("demo plugin {} not found; build it with `cargo build --release -p jobhost-demo` or pass --plugin", .0.display())]

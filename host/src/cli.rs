@@ -74,7 +74,7 @@ pub enum Command {
         /// Only jobs with an id below this one (the next page).
         #[arg(long)]
         before: Option<JobId>,
-        /// Most jobs to list.
+        /// Maximum number of jobs to list.
         #[arg(long, default_value_t = 50)]
         limit: u32,
         /// Print a JSON array of job objects.

@@ -48,7 +48,7 @@ pub struct Job {
 }
 
 impl Job {
-    /// A job that runs `plugin`'s `method` with `null` params, at priority 5, now.
+    /// Creates a job that runs `plugin`'s `method` with `null` params, at priority 5, now.
     pub fn new(plugin: impl Into<String>, method: impl Into<String>) -> Self {
         Self {
             plugin: plugin.into(),
@@ -97,7 +97,7 @@ impl Job {
     }
 }
 
-/// Why a job was not dispatched. Nothing was written.
+/// Errors from dispatch. Nothing was written when one is returned.
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
     #[error(transparent)]
@@ -137,7 +137,7 @@ fn prepare_one(config: &Config, job: &Job) -> Result<NewJob, DispatchError> {
     })
 }
 
-/// Why a client could not be opened.
+/// Errors from opening a client.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error(transparent)]
@@ -172,12 +172,12 @@ impl Client {
         Ok(Self { database: path.clone(), config, store: Arc::new(store) })
     }
 
-    /// The validated jobs.toml.
+    /// Returns the validated jobs.toml.
     pub fn config(&self) -> &Arc<Config> {
         &self.config
     }
 
-    /// The jobs table, for reading jobs and for cancel and retry.
+    /// Returns the jobs table, for reading jobs and for cancel and retry.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }

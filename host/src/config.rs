@@ -45,7 +45,7 @@ pub struct Config {
 /// The `[host]` table, with defaults filled in.
 #[derive(Debug, Clone)]
 pub struct HostSettings {
-    /// Where jobs are stored. Default: `sqlite://jobhost.db` beside jobs.toml.
+    /// Database URL of the jobs table. Default: `sqlite://jobhost.db` beside jobs.toml.
     pub database: Database,
     /// Jobs run at once by one daemon. Default: the number of CPUs.
     pub concurrency: usize,
@@ -64,7 +64,7 @@ pub struct HostSettings {
     pub synchronous: Synchronous,
 }
 
-/// Where the jobs table lives.
+/// Database that holds the jobs table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Database {
     /// A SQLite file, resolved against the folder of jobs.toml.
@@ -119,11 +119,11 @@ pub struct MethodSettings {
     pub max_attempts: u32,
     /// Wait before the first retry. Default: 5 s.
     pub retry_delay: Duration,
-    /// How the wait grows between retries. Default: fixed.
+    /// Growth of the wait between retries. Default: fixed.
     pub backoff: Backoff,
     /// Cap on the wait between retries. Default: 1 h.
     pub max_retry_delay: Duration,
-    /// Longest a run may take before it counts as failed. Default: none.
+    /// Maximum run time before a run counts as failed. Default: none.
     pub timeout: Option<Duration>,
 }
 
@@ -157,7 +157,7 @@ impl MethodSettings {
     }
 }
 
-/// How the wait between retries grows.
+/// Growth of the wait between retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backoff {
     /// The same `retry_delay` every time.
@@ -217,7 +217,7 @@ impl Config {
     }
 }
 
-/// Why a plugin method may not run.
+/// Reasons a plugin method may not run.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum NotWhitelisted {
     #[error("plugin {plugin:?} is not in jobs.toml (known plugins: {}); add a [[plugin]] entry for it", known.join(", "))]
@@ -230,7 +230,7 @@ pub enum NotWhitelisted {
 // Errors
 // ---------------------------------------------------------------------------
 
-/// Why jobs.toml could not be used.
+/// Errors from reading jobs.toml.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {}: {source}; pass the right file with --config", path.display())]
@@ -240,7 +240,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    /// Every problem found, one per line of output.
+    /// Returns every problem found, one per line of output.
     pub fn problems(&self) -> Vec<String> {
         match self {
             Self::Read { .. } => vec![self.to_string()],

@@ -1,5 +1,5 @@
 //! Running claimed jobs in-process: a pool of worker threads, the call
-//! across the plugin ABI, the host callbacks the plugin sees, timeouts, and
+//! across the plugin ABI, the host callbacks the plugin calls, timeouts, and
 //! the retry policy applied to each result.
 //!
 //! # Worker pool
@@ -29,7 +29,7 @@ use crate::config::MethodSettings;
 use crate::registry::LoadedPlugin;
 use crate::store::{ClaimedJob, FinishedOutcome, JobId};
 
-/// What the host and a running method share about one run.
+/// State of one run, shared by the host and the running method.
 #[derive(Debug)]
 pub struct RunState {
     pub job_id: JobId,
@@ -40,7 +40,7 @@ pub struct RunState {
     pub cancelled: AtomicBool,
     /// Progress as `f64` bits; `u64::MAX` until the method reports any.
     progress: AtomicU64,
-    /// Set by whoever reports the run's end: its worker or its watchdog.
+    /// Set by the first to report the run's end: its worker or its watchdog.
     finished: AtomicBool,
 }
 
@@ -130,13 +130,13 @@ pub struct Run {
     pub state: Arc<RunState>,
 }
 
-/// Where the pool reports what became of each run.
+/// Receiver of what became of each run.
 pub trait RunSink: Send + Sync + 'static {
-    /// The run ended, or timed out, with `outcome` after the retry policy.
+    /// Reports that the run ended, or timed out, with `outcome` after the retry policy.
     fn finished(&self, job: &ClaimedJob, outcome: FinishedOutcome, duration: Duration);
-    /// The run was dropped before it started, because it was cancelled.
+    /// Reports that the run was dropped before it started, because it was cancelled.
     fn skipped(&self, job: &ClaimedJob);
-    /// The run was not started because the pool is stopping.
+    /// Reports that the run was not started because the pool is stopping.
     fn not_started(&self, job: &ClaimedJob);
 }
 

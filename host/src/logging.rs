@@ -22,7 +22,7 @@ pub struct LogGuard {
     _guards: Vec<WorkerGuard>,
 }
 
-/// Where log lines go.
+/// Destination and level of stderr logging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stderr {
     /// `RUST_LOG`, or `info` by default: for the daemon.
@@ -34,8 +34,8 @@ pub enum Stderr {
 }
 
 /// Installs the global subscriber. With `log_dir` set, also writes
-/// `jobs.log` and `jobs-errors.log` there; if the folder cannot be created,
-/// says so on stderr and logs to stderr only.
+/// `jobs.log` and `jobs-errors.log` there. If the folder cannot be created,
+/// it prints a warning and logs to stderr only.
 pub fn init(stderr: Stderr, log_dir: Option<&Path>) -> LogGuard {
     let default = match stderr {
         Stderr::Info => "info",

@@ -56,7 +56,7 @@ pub struct Registry {
     plugins: BTreeMap<String, Arc<LoadedPlugin>>,
 }
 
-/// Why a plugin library cannot be used.
+/// Errors from loading a plugin library.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("{config}:{line}: plugin {plugin:?}: library {} does not exist; build it (cargo build) or fix path", path.display())]
@@ -81,7 +81,7 @@ pub enum LoadError {
     NotExported { config: PathBuf, line: usize, plugin: String, path: PathBuf, method: String, exported: Vec<String> },
 }
 
-/// Why a job's method cannot run now.
+/// Reasons a job's method cannot run now.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum NotRunnable {
     #[error(transparent)]
@@ -104,7 +104,7 @@ impl Registry {
         if errors.is_empty() { Ok(registry) } else { Err(errors) }
     }
 
-    /// Every loaded plugin, by name.
+    /// Returns every loaded plugin, by name.
     pub fn plugins(&self) -> impl Iterator<Item = &LoadedPlugin> {
         self.plugins.values().map(|plugin| &**plugin)
     }

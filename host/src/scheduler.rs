@@ -11,7 +11,7 @@
 //! - The worker pool ([`WorkerPool`]) runs claimed jobs on `concurrency`
 //!   threads and hands each result to the completion writer.
 //! - The completion writer batches results into [`Store::finish`] calls.
-//! - The lease keeper renews this daemon's leases, tells runs it no longer
+//! - The lease keeper renews this daemon's leases, asks runs it no longer
 //!   owns to stop, and rescues expired leases of any daemon.
 //!
 //! # Shutdown, in order
@@ -48,7 +48,7 @@ use crate::wake::{Wake, WakeListener};
 const MAX_CLAIM_BATCH: usize = 1000;
 /// Most results written in one transaction.
 const MAX_FINISH_BATCH: usize = 1000;
-/// Longest wait between attempts to reach a failing database.
+/// Maximum wait between attempts to reach a failing database.
 const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Whether the daemon keeps running or stops when no job is due.
@@ -61,7 +61,7 @@ pub enum Mode {
     Once,
 }
 
-/// What one run of the daemon did.
+/// Counts of what one run of the daemon did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
     pub succeeded: u64,
@@ -126,7 +126,7 @@ impl Daemon {
         Self { shared, results }
     }
 
-    /// The lease owner this daemon writes into the jobs it claims.
+    /// Returns the lease owner this daemon writes into the jobs it claims.
     pub fn owner(&self) -> &str {
         &self.shared.owner
     }
@@ -203,9 +203,10 @@ fn owner_id() -> String {
 // Claiming
 // ---------------------------------------------------------------------------
 
-/// Returns how few jobs in flight make the claim loop claim again: all
-/// workers busy is enough without prefetch; with it, the loop refills the
-/// buffer once it is half empty, so that each claim moves a batch.
+/// Returns the number of jobs in flight below which the claim loop claims
+/// again. Without prefetch, that is when any worker is free. With prefetch,
+/// the loop refills the buffer once it is half empty, so that each claim
+/// moves a batch.
 fn refill_below(concurrency: usize, prefetch: usize) -> usize {
     if prefetch == 0 { concurrency } else { concurrency + prefetch - prefetch / 2 + 1 }
 }
@@ -263,8 +264,8 @@ async fn claim_loop(shared: &Arc<Shared>, pool: &WorkerPool, mode: Mode, shutdow
     }
 }
 
-/// How long to sleep when nothing is due: until the next delayed job, at
-/// most the poll interval.
+/// Returns how long to sleep when nothing is due: until the next delayed
+/// job, at most the poll interval.
 async fn time_until_due(shared: &Shared) -> Duration {
     let poll_interval = shared.config.host.poll_interval;
     match shared.store.next_due().await {
@@ -468,7 +469,7 @@ async fn renew(shared: &Shared) {
             for id in lost {
                 if let Some(state) = in_flight.get(&id) {
                     state.cancel();
-                    warn!(target: "jobhost::job", job_id = id, plugin = %state.plugin, method = %state.method, "job cancelled or rescued elsewhere; told the run to stop");
+                    warn!(target: "jobhost::job", job_id = id, plugin = %state.plugin, method = %state.method, "job no longer owned (cancelled, or rescued by another daemon); the run was asked to stop");
                 }
             }
         }

@@ -1,4 +1,4 @@
-//! How jobs look outside the daemon: the JSON job object of `show --json`
+//! Rendering of jobs outside the daemon: the JSON job object of `show --json`
 //! and `list --json`, and the text of `show` and `list`.
 
 use std::fmt::Write;

@@ -1,8 +1,8 @@
 //! Waking idle daemons when a job is dispatched or cancelled.
 //!
 //! SQLite has no LISTEN/NOTIFY, so each daemon binds a Unix datagram socket in
-//! a folder beside the database file (`jobhost.db.wake/`), and whoever commits
-//! a dispatch sends one byte to every socket there. A datagram is only a hint:
+//! a folder beside the database file (`jobhost.db.wake/`), and every process that
+//! commits a dispatch sends one byte to every socket there. A datagram is only a hint:
 //! a daemon that misses one still finds the job at its next poll. A socket
 //! whose daemon has died refuses the datagram and is removed by the sender.
 
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::net::UnixDatagram;
 
-/// Why a daemon is woken.
+/// Reason a daemon is woken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wake {
     /// New or released jobs may be due.
@@ -31,7 +31,7 @@ impl Wake {
     }
 }
 
-/// Longest socket path Linux accepts (`sun_path` is 108 bytes with the NUL).
+/// Maximum socket path length Linux accepts (`sun_path` is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
 /// Returns the folder of wake-up sockets for the database at `database`.
@@ -83,8 +83,9 @@ impl Drop for WakeListener {
     }
 }
 
-/// Sends `wake` to every daemon listening beside `database`. Never fails:
-/// a daemon that misses the datagram finds the work at its next poll.
+/// Sends `wake` to every daemon listening beside `database`, ignoring
+/// errors, because a daemon that misses the datagram finds the work at its
+/// next poll.
 pub fn notify(database: &Path, wake: Wake) {
     let Ok(entries) = std::fs::read_dir(folder_for(database)) else {
         return;
@@ -100,7 +101,7 @@ pub fn notify(database: &Path, wake: Wake) {
         }
         match sender.send_to(&[wake.byte()], &path) {
             Ok(_) => {}
-            // The daemon is gone; remove its socket so nobody tries it again.
+            // The daemon is gone; remove its socket so that no sender tries it again.
             Err(error) if error.kind() == ErrorKind::ConnectionRefused => {
                 let _ = std::fs::remove_file(&path);
             }

@@ -23,7 +23,7 @@ use crate::time::Timestamp;
 /// Primary key of a job.
 pub type JobId = i64;
 
-/// Where a job is in its life.
+/// Stage of a job's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
@@ -124,7 +124,7 @@ pub struct Finished {
     pub outcome: FinishedOutcome,
 }
 
-/// What a run ended with, after the retry policy has been applied.
+/// Result of a run, after the retry policy has been applied.
 #[derive(Debug, Clone)]
 pub enum FinishedOutcome {
     Succeeded { output: String },
@@ -133,7 +133,7 @@ pub enum FinishedOutcome {
     Failed { error: String },
 }
 
-/// What [`Store::finish`] wrote.
+/// Summary of what [`Store::finish`] wrote.
 #[derive(Debug, Clone, Default)]
 pub struct FinishReport {
     /// Results written, with the status each job ended in.
@@ -214,7 +214,7 @@ pub struct ListFilter {
     pub limit: u32,
 }
 
-/// What [`Store::cancel`] did.
+/// Result of [`Store::cancel`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CancelOutcome {
     /// The job was cancelled from `previous`, with its chained descendants.
@@ -224,7 +224,7 @@ pub enum CancelOutcome {
     NotFound,
 }
 
-/// What [`Store::retry`] did.
+/// Result of [`Store::retry`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RetryOutcome {
     /// The job is pending again, and its cancelled descendants waiting again.
@@ -234,7 +234,7 @@ pub enum RetryOutcome {
     NotFound,
 }
 
-/// Why a store operation failed.
+/// Errors from store operations.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open the database {url}: {source}")]
