@@ -264,7 +264,7 @@ fn sigint_hands_back_job_after_grace() {
     assert_eq!(job["attempts"], 0, "a handed-back run is not charged an attempt");
     assert_eq!(job["lease_owner"], serde_json::Value::Null);
     let history = job["status_history"].as_array().unwrap();
-    assert!(history.last().unwrap()["message"].as_str().unwrap().contains("handed back at shutdown"));
+    assert!(history.last().unwrap()["message"].as_str().unwrap().contains("handed back unfinished"));
 }
 
 #[test]

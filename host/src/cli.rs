@@ -302,7 +302,7 @@ async fn cancel(config_path: &std::path::Path, id: JobId) -> Result<(), Failure>
     let client = open_existing(config).await?;
     match client.store().cancel(id, "cancelled by hand").await? {
         CancelOutcome::Cancelled { previous, descendants } => {
-            client.notify_cancelled();
+            client.notify_cancelled().await;
             println!("cancelled job {id} (was {previous})");
             if !descendants.is_empty() {
                 let ids: Vec<String> = descendants.iter().map(ToString::to_string).collect();
@@ -331,7 +331,7 @@ async fn retry(config_path: &std::path::Path, id: JobId) -> Result<(), Failure> 
     let attempts = config.method(&job.plugin, &job.method).map_or(config::DEFAULT_MAX_ATTEMPTS, |settings| settings.max_attempts);
     match client.store().retry(id, attempts).await? {
         RetryOutcome::Requeued { previous, descendants } => {
-            client.notify_dispatched();
+            client.notify_dispatched().await;
             println!("job {id} is pending again (was {previous}), with {attempts} more attempts");
             if !descendants.is_empty() {
                 let ids: Vec<String> = descendants.iter().map(ToString::to_string).collect();

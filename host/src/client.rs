@@ -23,15 +23,15 @@
 //! Dispatch checks each job against the whitelist in jobs.toml before it
 //! writes anything; the daemon checks again when the job runs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::config::{Config, ConfigError, Database, NotWhitelisted};
-use crate::store::{JobId, NewChain, NewJob, SqliteStore, Store, StoreError};
-use crate::wake::{self, Wake};
+use crate::store::{JobId, NewChain, NewJob, PostgresStore, SqliteStore, Store, StoreError};
+use crate::wake::Wake;
 
 /// Default priority: the middle of 1 (runs first) to 10.
 pub const DEFAULT_PRIORITY: u8 = 5;
@@ -106,6 +106,8 @@ pub enum DispatchError {
     InvalidPriority { plugin: String, method: String, priority: u8 },
     #[error("invalid params for {plugin}.{method}: {message}; pass valid JSON, such as '\"text\"', '42' or '{{\"path\": \"/tmp/a\"}}'")]
     InvalidParams { plugin: String, method: String, message: String },
+    #[error("dispatching inside a caller's transaction needs a PostgreSQL database; this client uses {0}")]
+    NotPostgres(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -152,7 +154,8 @@ pub enum OpenError {
 pub struct Client {
     config: Arc<Config>,
     store: Arc<dyn Store>,
-    database: PathBuf,
+    /// The same store when it is PostgreSQL, for dispatch inside a caller's transaction.
+    postgres: Option<PostgresStore>,
 }
 
 impl Client {
@@ -166,10 +169,18 @@ impl Client {
     /// Opens the database of an already validated `config`. With `create`
     /// unset, a missing database file is an error instead of a new file.
     pub async fn with_config(config: Arc<Config>, create: bool) -> Result<Self, OpenError> {
-        let Database::Sqlite(path) = &config.host.database;
-        let store = SqliteStore::open(path, config.host.synchronous, create).await?;
-        store.migrate().await?;
-        Ok(Self { database: path.clone(), config, store: Arc::new(store) })
+        match &config.host.database {
+            Database::Sqlite(path) => {
+                let store = SqliteStore::open(path, config.host.synchronous, create).await?;
+                store.migrate().await?;
+                Ok(Self { config, store: Arc::new(store), postgres: None })
+            }
+            Database::Postgres(url) => {
+                let store = PostgresStore::open(url, config.host.pool_size).await?;
+                store.migrate().await?;
+                Ok(Self { config, store: Arc::new(store.clone()), postgres: Some(store) })
+            }
+        }
     }
 
     /// Returns the validated jobs.toml.
@@ -206,18 +217,30 @@ impl Client {
                 "job dispatched"
             );
         }
-        wake::notify(&self.database, Wake::Dispatched);
         Ok(ids)
+    }
+
+    /// Dispatches `job` and its chain through `transaction`, a PostgreSQL
+    /// transaction of the caller's: the job exists, and runs, only if that
+    /// transaction commits.
+    pub async fn dispatch_in(&self, transaction: &mut sqlx::PgConnection, job: Job) -> Result<JobId, DispatchError> {
+        let Some(store) = &self.postgres else {
+            return Err(DispatchError::NotPostgres(self.config.host.database.to_string()));
+        };
+        let chain = prepare(&self.config, &job)?;
+        let ids = store.dispatch_with(transaction, std::slice::from_ref(&chain)).await?;
+        tracing::info!(target: "jobhost::job", job_id = ids[0], plugin = %job.plugin, method = %job.method, "job dispatched in the caller's transaction");
+        Ok(ids[0])
     }
 
     /// Tells the daemons sharing this database that a job was cancelled, so
     /// that the one running it stops it now.
-    pub fn notify_cancelled(&self) {
-        wake::notify(&self.database, Wake::Cancelled);
+    pub async fn notify_cancelled(&self) {
+        self.store.wake(Wake::Cancelled).await;
     }
 
     /// Tells the daemons sharing this database that jobs may be due.
-    pub fn notify_dispatched(&self) {
-        wake::notify(&self.database, Wake::Dispatched);
+    pub async fn notify_dispatched(&self) {
+        self.store.wake(Wake::Dispatched).await;
     }
 }

@@ -49,6 +49,8 @@ pub struct HostSettings {
     pub database: Database,
     /// Jobs run at once by one daemon. Default: the number of CPUs.
     pub concurrency: usize,
+    /// Connections each daemon keeps to PostgreSQL. Default: 10.
+    pub pool_size: u32,
     /// Due jobs claimed beyond the free workers, kept ready in memory so that
     /// short jobs do not wait for a database round trip. Default: 0.
     pub prefetch: usize,
@@ -65,17 +67,43 @@ pub struct HostSettings {
 }
 
 /// Database that holds the jobs table.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Database {
     /// A SQLite file, resolved against the folder of jobs.toml.
     Sqlite(PathBuf),
+    /// A PostgreSQL connection URL, shared by daemons on many machines.
+    Postgres(String),
 }
 
+/// Shows the URL with any password replaced by `***`, so that it can be logged.
 impl fmt::Display for Database {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+            Self::Postgres(url) => f.write_str(&redact_password(url)),
         }
+    }
+}
+
+impl fmt::Debug for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Replaces the password of a `scheme://user:password@host/...` URL with `***`.
+pub fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((credentials, host)) if credentials.contains(':') => {
+            let user = credentials.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        _ => url.to_owned(),
     }
 }
 
@@ -288,6 +316,7 @@ struct RawConfig {
 struct RawHost {
     database: Option<Spanned<String>>,
     concurrency: Option<Spanned<i64>>,
+    pool_size: Option<Spanned<i64>>,
     prefetch: Option<Spanned<i64>>,
     poll_interval: Option<Spanned<String>>,
     lease: Option<Spanned<String>>,
@@ -375,6 +404,7 @@ fn validate(source: &Source<'_>, raw: RawConfig, problems: &mut Vec<Problem>) ->
     let concurrency = positive_count(source, "concurrency", host.concurrency.as_ref(), 1, 1024, problems)
         .unwrap_or(default_concurrency);
     let prefetch = positive_count(source, "prefetch", host.prefetch.as_ref(), 0, 100_000, problems).unwrap_or(0);
+    let pool_size = positive_count(source, "pool_size", host.pool_size.as_ref(), 1, 1000, problems).unwrap_or(10) as u32;
 
     let poll_interval = duration_setting(source, "poll_interval", host.poll_interval.as_ref(), false, problems)
         .unwrap_or(Duration::from_secs(1));
@@ -441,6 +471,7 @@ fn validate(source: &Source<'_>, raw: RawConfig, problems: &mut Vec<Problem>) ->
         host: HostSettings {
             database,
             concurrency,
+            pool_size,
             prefetch,
             poll_interval,
             lease,
@@ -463,9 +494,12 @@ fn parse_database(url: &str, folder: &Path) -> Result<Database, String> {
         return Ok(Database::Sqlite(folder.join(path)));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Err(format!("database {url:?}: PostgreSQL is not supported by this build yet; use a sqlite:// URL"));
+        return Ok(Database::Postgres(url.to_owned()));
     }
-    Err(format!("database {url:?} is not a supported URL; use \"sqlite://PATH\""))
+    Err(format!(
+        "database {:?} is not a supported URL; use \"sqlite://PATH\" or \"postgres://USER@HOST/DATABASE\"",
+        redact_password(url)
+    ))
 }
 
 fn positive_count(
@@ -662,9 +696,24 @@ max_attempts = 0
     }
 
     #[test]
-    fn postgres_url_is_rejected_for_now() {
-        let found = problems("[host]\ndatabase = \"postgres://localhost/test\"\n");
-        assert!(found[0].contains("PostgreSQL"), "{}", found[0]);
+    fn postgres_url_is_accepted() {
+        let config = parse("[host]\ndatabase = \"postgres://jobs:secret@db.internal:5432/queue\"\npool_size = 20\n").unwrap();
+        assert_eq!(config.host.database, Database::Postgres("postgres://jobs:secret@db.internal:5432/queue".into()));
+        assert_eq!(config.host.pool_size, 20);
+    }
+
+    #[test]
+    fn unknown_database_scheme_is_rejected() {
+        let found = problems("[host]\ndatabase = \"mysql://root:hunter2@localhost/jobs\"\n");
+        assert!(found[0].contains("not a supported URL"), "{}", found[0]);
+        assert!(!found[0].contains("hunter2"), "the password must not be shown: {}", found[0]);
+    }
+
+    #[test]
+    fn database_display_hides_password() {
+        let database = Database::Postgres("postgres://jobs:secret@db:5432/queue?sslmode=require".into());
+        assert_eq!(database.to_string(), "postgres://jobs:***@db:5432/queue?sslmode=require");
+        assert_eq!(redact_password("postgres://jobs@db/queue"), "postgres://jobs@db/queue");
     }
 
     #[test]

@@ -41,8 +41,7 @@ use crate::config::Config;
 use crate::executor::{Run, RunSink, RunState, WorkerPool};
 use crate::registry::Registry;
 use crate::store::{ClaimedJob, Finished, FinishedOutcome, JobId, Status, Store};
-use crate::time::Timestamp;
-use crate::wake::{Wake, WakeListener};
+use crate::wake::{Wake, WakeSubscription};
 
 /// Most jobs claimed in one transaction.
 const MAX_CLAIM_BATCH: usize = 1000;
@@ -88,6 +87,8 @@ struct Shared {
     not_started: Mutex<Vec<JobId>>,
     /// Results sent to the completion writer and not yet written.
     unwritten: AtomicUsize,
+    /// Ids of the jobs whose results are not yet written.
+    unwritten_ids: Mutex<std::collections::HashSet<JobId>>,
     /// Wakes the claim loop: a run ended, results were written, or a wake-up arrived.
     changed: Notify,
     /// Wakes the lease keeper early, after a cancel.
@@ -117,6 +118,7 @@ impl Daemon {
             in_flight: Mutex::new(HashMap::new()),
             not_started: Mutex::new(Vec::new()),
             unwritten: AtomicUsize::new(0),
+            unwritten_ids: Mutex::new(std::collections::HashSet::new()),
             changed: Notify::new(),
             check_leases: Notify::new(),
             results: results_sender,
@@ -149,14 +151,12 @@ impl Daemon {
         let writer = tokio::spawn(write_results(shared.clone(), self.results, writer_stop.clone()));
         let keeper_stop = CancellationToken::new();
         let keeper = tokio::spawn(keep_leases(shared.clone(), keeper_stop.clone()));
-        let listener = match &host.database {
-            crate::config::Database::Sqlite(path) => match WakeListener::bind(path) {
-                Ok(listener) => Some(tokio::spawn(listen_for_wakeups(shared.clone(), listener))),
-                Err(error) => {
-                    warn!(target: "jobhost::daemon", %error, "cannot bind a wake-up socket; new jobs are found by polling only");
-                    None
-                }
-            },
+        let listener = match shared.store.subscribe().await {
+            Ok(subscription) => Some(tokio::spawn(listen_for_wakeups(shared.clone(), subscription))),
+            Err(error) => {
+                warn!(target: "jobhost::daemon", %error, "cannot listen for wake-ups; new jobs are found by polling only");
+                None
+            }
         };
 
         let pool = WorkerPool::start(host.concurrency, shared.clone(), tokio::runtime::Handle::current());
@@ -215,8 +215,14 @@ async fn claim_loop(shared: &Arc<Shared>, pool: &WorkerPool, mode: Mode, shutdow
     let host = &shared.config.host;
     let capacity = host.concurrency + host.prefetch;
     let mut backoff = Duration::from_millis(100);
+    // Set when a claim failed: its transaction may still have committed,
+    // leaving jobs running under this daemon's lease that it never started.
+    let mut claim_in_doubt = false;
 
     while !shutdown.is_cancelled() {
+        if claim_in_doubt && recover_lost_claims(shared).await {
+            claim_in_doubt = false;
+        }
         let in_flight = shared.in_flight.lock().unwrap().len();
         let wanted = capacity.saturating_sub(in_flight).min(MAX_CLAIM_BATCH);
         let worth_claiming = in_flight < shared.refill_below;
@@ -231,6 +237,7 @@ async fn claim_loop(shared: &Arc<Shared>, pool: &WorkerPool, mode: Mode, shutdow
                     }
                 }
                 Err(error) => {
+                    claim_in_doubt = true;
                     error!(target: "jobhost::daemon", %error, retry_in_ms = backoff.as_millis() as u64, "claiming jobs failed");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -264,12 +271,38 @@ async fn claim_loop(shared: &Arc<Shared>, pool: &WorkerPool, mode: Mode, shutdow
     }
 }
 
+/// Hands back the jobs running under this daemon's lease that it is not
+/// running: claims that committed although their reply was lost. Returns
+/// false if the database could not be asked.
+///
+/// Only the claim loop calls this, between claims, so no job it has just
+/// claimed can be missing from `in_flight`.
+async fn recover_lost_claims(shared: &Shared) -> bool {
+    let owned = match shared.store.owned(&shared.owner).await {
+        Ok(owned) => owned,
+        Err(error) => {
+            error!(target: "jobhost::daemon", %error, "looking for claims lost to a database error failed");
+            return false;
+        }
+    };
+    let lost: Vec<JobId> = {
+        let in_flight = shared.in_flight.lock().unwrap();
+        let unwritten = shared.unwritten_ids.lock().unwrap();
+        owned.into_iter().filter(|id| !in_flight.contains_key(id) && !unwritten.contains(id)).collect()
+    };
+    if !lost.is_empty() {
+        warn!(target: "jobhost::daemon", jobs = ?lost, "handing back jobs claimed by a claim whose reply was lost");
+        hand_back(shared, lost).await;
+    }
+    true
+}
+
 /// Returns how long to sleep when nothing is due: until the next delayed
 /// job, at most the poll interval.
 async fn time_until_due(shared: &Shared) -> Duration {
     let poll_interval = shared.config.host.poll_interval;
-    match shared.store.next_due().await {
-        Ok(Some(next)) => next.since(Timestamp::now()).min(poll_interval),
+    match shared.store.until_next_due().await {
+        Ok(Some(wait)) => wait.min(poll_interval),
         Ok(None) => poll_interval,
         Err(error) => {
             error!(target: "jobhost::daemon", %error, "reading the next due time failed");
@@ -329,6 +362,7 @@ impl Shared {
 /// Hands a run's result to the completion writer.
 fn complete(shared: &Shared, job: &ClaimedJob, outcome: FinishedOutcome, duration: Duration) {
     shared.unwritten.fetch_add(1, Ordering::AcqRel);
+    shared.unwritten_ids.lock().unwrap().insert(job.id);
     let completion = Completion {
         finished: Finished { id: job.id, attempt: job.attempt, duration, outcome },
         plugin: job.plugin.clone(),
@@ -362,6 +396,12 @@ async fn write_results(shared: Arc<Shared>, mut results: mpsc::UnboundedReceiver
             }
         }
         let made_due = write_batch(&shared, &batch, &stop).await;
+        {
+            let mut unwritten_ids = shared.unwritten_ids.lock().unwrap();
+            for completion in &batch {
+                unwritten_ids.remove(&completion.finished.id);
+            }
+        }
         let unwritten = shared.unwritten.fetch_sub(batch.len(), Ordering::AcqRel) - batch.len();
         batch.clear();
         // Released children and immediate retries are due now, and
@@ -500,13 +540,21 @@ async fn rescue(shared: &Shared) {
     }
 }
 
-async fn listen_for_wakeups(shared: Arc<Shared>, listener: WakeListener) {
+async fn listen_for_wakeups(shared: Arc<Shared>, mut subscription: WakeSubscription) {
+    let mut backoff = Duration::from_millis(100);
     loop {
-        match listener.recv().await {
-            Ok(Wake::Dispatched) => shared.changed.notify_one(),
-            Ok(Wake::Cancelled) => {
-                shared.check_leases.notify_one();
+        match subscription.recv().await {
+            Ok(wake) => {
+                backoff = Duration::from_millis(100);
+                if wake == Wake::Cancelled {
+                    shared.check_leases.notify_one();
+                }
                 shared.changed.notify_one();
+            }
+            Err(error) if subscription.recovers() => {
+                error!(target: "jobhost::daemon", %error, retry_in_ms = backoff.as_millis() as u64, "listening for wake-ups failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_ERROR_BACKOFF);
             }
             Err(error) => {
                 warn!(target: "jobhost::daemon", %error, "wake-up socket failed; new jobs are found by polling only");

@@ -1,5 +1,6 @@
 //! Waking idle daemons when a job is dispatched or cancelled.
 //!
+//! On PostgreSQL, daemons LISTEN on a channel that dispatch NOTIFYs.
 //! SQLite has no LISTEN/NOTIFY, so each daemon binds a Unix datagram socket in
 //! a folder beside the database file (`jobhost.db.wake/`), and every process that
 //! commits a dispatch sends one byte to every socket there. A datagram is only a hint:
@@ -39,6 +40,40 @@ pub fn folder_for(database: &Path) -> PathBuf {
     let mut folder = database.as_os_str().to_owned();
     folder.push(".wake");
     PathBuf::from(folder)
+}
+
+/// A daemon's source of wake-ups, whatever the backend.
+pub enum WakeSubscription {
+    Socket(WakeListener),
+    Postgres(sqlx::postgres::PgListener),
+}
+
+impl WakeSubscription {
+    /// Waits for the next wake-up.
+    ///
+    /// A PostgreSQL listener whose connection was lost reconnects on the next
+    /// call; notifications sent meanwhile are lost, so the loss itself is
+    /// returned as a [`Wake::Dispatched`], and the daemon looks for due jobs.
+    pub async fn recv(&mut self) -> Result<Wake, String> {
+        match self {
+            Self::Socket(listener) => listener.recv().await.map_err(|error| error.to_string()),
+            Self::Postgres(listener) => match listener.try_recv().await {
+                Ok(Some(notification)) if notification.payload() == "c" => Ok(Wake::Cancelled),
+                Ok(Some(_)) => Ok(Wake::Dispatched),
+                Ok(None) => {
+                    tracing::warn!(target: "jobhost::daemon", "lost the LISTEN connection; reconnecting and looking for due jobs");
+                    Ok(Wake::Dispatched)
+                }
+                Err(error) => Err(error.to_string()),
+            },
+        }
+    }
+
+    /// True if a failed `recv` is worth calling again: a PostgreSQL listener
+    /// reconnects, a socket does not come back.
+    pub fn recovers(&self) -> bool {
+        matches!(self, Self::Postgres(_))
+    }
 }
 
 /// A daemon's wake-up socket; the file is removed on drop.

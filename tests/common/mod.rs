@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod proxy;
+
 /// Paths of the built binary and plugin libraries.
 pub struct Build {
     pub jobhost: PathBuf,
@@ -66,6 +68,8 @@ log_dir = "logs"
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    /// The PostgreSQL schema of a PostgreSQL environment.
+    pub schema: Option<jobhost_test_support::TestSchema>,
 }
 
 impl Env {
@@ -107,7 +111,26 @@ methods = ["sha256", "gzip"]
         let dir = tempfile::Builder::new().prefix("jobhost-test-").tempdir().expect("temporary folder");
         let config = dir.path().join("jobs.toml");
         std::fs::write(&config, text).expect("write jobs.toml");
-        Self { dir, config }
+        Self { dir, config, schema: None }
+    }
+
+    /// Like [`Env::with_host`] on a fresh PostgreSQL schema, reached through
+    /// `url_of(schema URL)` (for example through a proxy), or None when the
+    /// server is unreachable and `CI` is not set.
+    pub fn postgres(host: &str, url_of: impl FnOnce(&str) -> String) -> Option<Self> {
+        let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+        let schema = runtime.block_on(jobhost_test_support::postgres_schema())?;
+        let url = url_of(&schema.url());
+        let host = host.replace("database = \"sqlite://jobs.db\"", &format!("database = {url:?}"));
+        assert!(host.contains("postgres"), "the [host] settings must carry the default database line");
+        let mut env = Self::with_host(&host);
+        env.schema = Some(schema);
+        Some(env)
+    }
+
+    /// The URL of this environment's PostgreSQL schema, without any proxy.
+    pub fn postgres_url(&self) -> String {
+        self.schema.as_ref().expect("a PostgreSQL environment").url()
     }
 
     pub fn path(&self, name: &str) -> PathBuf {

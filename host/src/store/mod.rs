@@ -8,6 +8,7 @@
 //! claimed it still owns it (same lease owner, same attempt, still running),
 //! so a late result never overwrites a newer state.
 
+mod postgres;
 mod sqlite;
 
 use std::fmt;
@@ -16,9 +17,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use crate::time::Timestamp;
+use crate::wake::{Wake, WakeSubscription};
 
 /// Primary key of a job.
 pub type JobId = i64;
@@ -243,6 +246,8 @@ pub enum StoreError {
     Migrate { url: String, source: sqlx::migrate::MigrateError },
     #[error("database query failed: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("cannot listen for wake-ups: {0}")]
+    Listen(#[from] std::io::Error),
     #[error("job {id} has an invalid {column} value {value:?} in the database")]
     Corrupt { id: JobId, column: &'static str, value: String },
 }
@@ -250,7 +255,8 @@ pub enum StoreError {
 /// The jobs table, whatever database holds it.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Inserts each chain in one transaction, returning the id of each head.
+    /// Inserts each chain in one transaction, returning the id of each head,
+    /// and wakes the daemons sharing the database.
     async fn dispatch(&self, chains: &[NewChain]) -> Result<Vec<JobId>, StoreError>;
 
     /// Claims up to `limit` due jobs for `owner`, in priority, run-at, id
@@ -269,12 +275,21 @@ pub trait Store: Send + Sync + 'static {
     /// has expired. The interrupted run counts as an attempt.
     async fn rescue(&self) -> Result<Vec<Rescued>, StoreError>;
 
-    /// Returns `owner`'s unfinished runs to pending at shutdown, without
-    /// charging them an attempt.
+    /// Returns the ids of the jobs running under `owner`'s lease.
+    async fn owned(&self, owner: &str) -> Result<Vec<JobId>, StoreError>;
+
+    /// Returns `owner`'s unfinished runs to pending, without charging them
+    /// an attempt: at shutdown, and for claims whose reply was lost.
     async fn hand_back(&self, owner: &str, ids: &[JobId]) -> Result<u64, StoreError>;
 
     /// When the next pending job becomes due, if any is pending.
     async fn next_due(&self) -> Result<Option<Timestamp>, StoreError>;
+
+    /// How long until the next pending job is due (zero if one is due now),
+    /// measured on the clock that decides whether a job is due.
+    async fn until_next_due(&self) -> Result<Option<Duration>, StoreError> {
+        Ok(self.next_due().await?.map(|next| next.since(Timestamp::now())))
+    }
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
     async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>, StoreError>;
@@ -289,4 +304,11 @@ pub trait Store: Send + Sync + 'static {
     /// Requeues a failed or cancelled job with `extra_attempts` more runs
     /// (at least one).
     async fn retry(&self, id: JobId, extra_attempts: u32) -> Result<RetryOutcome, StoreError>;
+
+    /// Wakes the daemons sharing the database, as a hint: failures are
+    /// logged, and daemons find the change at their next poll anyway.
+    async fn wake(&self, wake: Wake);
+
+    /// Subscribes to the wake-ups sent by [`Store::dispatch`] and [`Store::wake`].
+    async fn subscribe(&self) -> Result<WakeSubscription, StoreError>;
 }

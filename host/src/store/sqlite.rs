@@ -28,6 +28,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::*;
 use crate::config::Synchronous;
+use crate::wake::{self, WakeListener};
 
 /// How long a statement waits for another connection's write lock before it
 /// fails. Long, because a failed claim or completion is worse than a slow one.
@@ -304,6 +305,7 @@ impl Store for SqliteStore {
         let events: Vec<_> = events.iter().map(|&(id, status)| EventRow { id, status, message: None }).collect();
         insert_events(&mut tx, now, &events).await?;
         tx.commit().await?;
+        wake::notify(&self.path, Wake::Dispatched);
         Ok(heads)
     }
 
@@ -605,6 +607,13 @@ impl Store for SqliteStore {
         Ok(rescued)
     }
 
+    async fn owned(&self, owner: &str) -> Result<Vec<JobId>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT id FROM jobs INDEXED BY jobs_status WHERE status = 'running' AND lease_owner = ?1 ORDER BY id")
+            .bind(owner)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
     async fn hand_back(&self, owner: &str, ids: &[JobId]) -> Result<u64, StoreError> {
         if ids.is_empty() {
             return Ok(0);
@@ -622,7 +631,7 @@ impl Store for SqliteStore {
         .bind(now.0)
         .fetch_all(&mut *tx)
         .await?;
-        let message = "handed back at shutdown; the interrupted run does not count as an attempt";
+        let message = "handed back unfinished; the interrupted run does not count as an attempt";
         let events: Vec<_> = handed.iter().map(|&id| EventRow { id, status: "pending", message: Some(message) }).collect();
         insert_events(&mut tx, now, &events).await?;
         tx.commit().await?;
@@ -797,5 +806,13 @@ impl Store for SqliteStore {
         insert_events(&mut tx, now, &events).await?;
         tx.commit().await?;
         Ok(RetryOutcome::Requeued { previous, descendants })
+    }
+
+    async fn wake(&self, wake: Wake) {
+        wake::notify(&self.path, wake);
+    }
+
+    async fn subscribe(&self) -> Result<WakeSubscription, StoreError> {
+        Ok(WakeSubscription::Socket(WakeListener::bind(&self.path)?))
     }
 }

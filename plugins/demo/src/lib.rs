@@ -74,6 +74,9 @@ struct Record {
     /// After recording, fail with a `"retry"` or a `"fatal"` error.
     #[serde(default)]
     fail: Option<String>,
+    /// After recording, sleep this many milliseconds (ignoring cancellation).
+    #[serde(default)]
+    sleep_ms: u64,
 }
 
 /// Appends one line per run to a file, then succeeds or fails as asked:
@@ -88,6 +91,7 @@ fn record(ctx: &JobContext, params: Record) -> Result<(), JobError> {
     // One write of a short line with O_APPEND, so lines from parallel jobs never interleave.
     file.write_all(line.as_bytes())
         .map_err(|error| JobError::retry(format!("cannot write {}: {error}", params.file.display())))?;
+    std::thread::sleep(Duration::from_millis(params.sleep_ms));
     match params.fail.as_deref() {
         None => Ok(()),
         Some("retry") => Err(JobError::retry(format!("{} asked for a retry", params.tag))),
