@@ -1,10 +1,13 @@
 //! `jobhost bench`: batch dispatch rate, drain throughput of no-op jobs, and
-//! dispatch-to-start latency, on a fresh SQLite file.
+//! dispatch-to-start latency, on a fresh SQLite file or a fresh schema of a
+//! PostgreSQL database.
 //!
 //! The drain runs the real daemon code with the real demo plugin, history
-//! included (attempt rows and status events) and `jobs.log` written. The
-//! latency phase dispatches from a second process, one job at a time into
-//! an idle daemon, as `jobhost dispatch` or an application would.
+//! included (attempt rows and status events) and `jobs.log` written: first
+//! one daemon in this process, then `--daemons` daemon processes
+//! (`jobhost run --once`) sharing the queue. The latency phase dispatches
+//! from a second process, one job at a time into an idle daemon, as
+//! `jobhost dispatch` or an application would.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,6 +46,16 @@ pub struct BenchArgs {
     /// The demo plugin library. Default: libjobhost_demo.so beside this executable.
     #[arg(long)]
     plugin: Option<PathBuf>,
+    /// A PostgreSQL URL to measure instead of SQLite; the benchmark works in
+    /// a schema of its own there and drops it at the end.
+    #[arg(long)]
+    database: Option<String>,
+    /// Daemon processes sharing the queue in the second drain; 0 or 1 skips it.
+    #[arg(long, default_value_t = 3)]
+    daemons: usize,
+    /// Connections per daemon to PostgreSQL.
+    #[arg(long, default_value_t = 10)]
+    pool_size: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -83,14 +96,23 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let plugin = std::path::absolute(&plugin).map_err(BenchError::setup)?;
 
     let folder = tempfile::Builder::new().prefix("jobhost-bench-").tempdir().map_err(BenchError::setup)?;
+    let schema = match &args.database {
+        Some(url) => Some(BenchSchema::create(url).await?),
+        None => None,
+    };
+    let (database, backend) = match &schema {
+        Some(schema) => (schema.url(), "PostgreSQL".to_owned()),
+        None => ("sqlite://bench.db".to_owned(), format!("SQLite (synchronous = {})", synchronous.as_str())),
+    };
     let config_path = folder.path().join("jobs.toml");
     std::fs::write(
         &config_path,
         format!(
-            "[host]\ndatabase = \"sqlite://bench.db\"\nconcurrency = {}\nprefetch = {}\nsynchronous = \"{}\"\nlog_dir = \"logs\"\n\n\
+            "[host]\ndatabase = {database:?}\nconcurrency = {}\nprefetch = {}\npool_size = {}\nsynchronous = \"{}\"\nlog_dir = \"logs\"\n\n\
              [[plugin]]\nname = \"demo\"\npath = {:?}\nmethods = [\"noop\"]\n",
             args.concurrency,
             args.prefetch,
+            args.pool_size,
             synchronous.as_str(),
             plugin.display().to_string()
         ),
@@ -101,48 +123,18 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let registry = Arc::new(Registry::load(&config).map_err(|errors| BenchError::setup(&errors[0]))?);
     let client = Client::with_config(config.clone(), true).await.map_err(BenchError::setup)?;
 
-    println!("jobhost bench: {} no-op jobs on SQLite (synchronous = {})", args.jobs, synchronous.as_str());
+    println!("jobhost bench: {} no-op jobs on {backend}", args.jobs);
     println!("machine: {}", machine());
     println!(
         "daemon: concurrency {}, prefetch {}; history recorded; jobs.log written",
         args.concurrency, args.prefetch
     );
 
-    // Phase 1: batch dispatch.
-    let bar = progress_bar(args.jobs as u64, "dispatch");
-    let started = Instant::now();
-    let batch: Vec<Job> = (0..args.batch.max(1)).map(|_| Job::new("demo", "noop")).collect();
-    let mut dispatched = 0;
-    while dispatched < args.jobs {
-        let count = (args.jobs - dispatched).min(batch.len());
-        client.dispatch_many(&batch[..count]).await.map_err(BenchError::setup)?;
-        dispatched += count;
-        bar.set_position(dispatched as u64);
-    }
-    let dispatch_time = started.elapsed();
-    bar.finish_and_clear();
-    println!(
-        "batch dispatch: {} jobs in {:.2} s = {:.0} jobs/s ({} per transaction)",
-        args.jobs,
-        dispatch_time.as_secs_f64(),
-        args.jobs as f64 / dispatch_time.as_secs_f64(),
-        args.batch
-    );
+    dispatch_phase(&client, args.jobs, args.batch).await?;
 
-    // Phase 2: drain.
+    // Phase 2: drain with one daemon in this process.
     let bar = progress_bar(args.jobs as u64, "drain");
-    let watcher = {
-        let (store, bar) = (client.store().clone(), bar.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                if let Ok(counts) = store.counts().await {
-                    let done = counts.iter().find(|(status, _)| *status == Status::Succeeded).map_or(0, |(_, count)| *count);
-                    bar.set_position(done);
-                }
-            }
-        })
-    };
+    let watcher = watch_progress(&client, &bar, 0);
     let started = Instant::now();
     let summary = Daemon::new(config.clone(), registry.clone(), client.store().clone()).run(Mode::Once, CancellationToken::new()).await;
     let drain_time = started.elapsed();
@@ -152,17 +144,138 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         return Err(BenchError::Setup(format!("drain ran {} of {} jobs: {summary:?}", summary.succeeded, args.jobs)));
     }
     println!(
-        "drain: {} jobs in {:.2} s = {:.0} jobs/s",
+        "drain, 1 daemon: {} jobs in {:.2} s = {:.0} jobs/s",
         args.jobs,
         drain_time.as_secs_f64(),
         args.jobs as f64 / drain_time.as_secs_f64()
     );
 
-    // Phase 3: dispatch-to-start latency from another process into an idle daemon.
+    // Phase 3: drain with several daemon processes.
+    if args.daemons > 1 {
+        dispatch_phase(&client, args.jobs, args.batch).await?;
+        drain_with_processes(&config_path, &client, args.jobs, args.daemons).await?;
+    }
+
+    // Phase 4: dispatch-to-start latency from another process into an idle daemon.
     if args.latency_samples > 0 {
         latency(&config_path, &config, &registry, &client, args.latency_samples).await?;
     }
+    drop(client);
+    if let Some(schema) = schema {
+        schema.drop_schema().await;
+    }
     Ok(())
+}
+
+/// Dispatches `jobs` no-op jobs, `batch` per transaction, and prints the rate.
+async fn dispatch_phase(client: &Client, jobs: usize, batch: usize) -> Result<(), BenchError> {
+    let bar = progress_bar(jobs as u64, "dispatch");
+    let started = Instant::now();
+    let batch_jobs: Vec<Job> = (0..batch.max(1)).map(|_| Job::new("demo", "noop")).collect();
+    let mut dispatched = 0;
+    while dispatched < jobs {
+        let count = (jobs - dispatched).min(batch_jobs.len());
+        client.dispatch_many(&batch_jobs[..count]).await.map_err(BenchError::setup)?;
+        dispatched += count;
+        bar.set_position(dispatched as u64);
+    }
+    let dispatch_time = started.elapsed();
+    bar.finish_and_clear();
+    println!(
+        "batch dispatch: {jobs} jobs in {:.2} s = {:.0} jobs/s ({batch} per transaction)",
+        dispatch_time.as_secs_f64(),
+        jobs as f64 / dispatch_time.as_secs_f64(),
+    );
+    Ok(())
+}
+
+/// Moves `bar` to the number of succeeded jobs beyond `already`, four times a second.
+fn watch_progress(client: &Client, bar: &ProgressBar, already: u64) -> tokio::task::JoinHandle<()> {
+    let (store, bar) = (client.store().clone(), bar.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if let Ok(counts) = store.counts().await {
+                let done = counts.iter().find(|(status, _)| *status == Status::Succeeded).map_or(0, |(_, count)| *count);
+                bar.set_position(done.saturating_sub(already));
+            }
+        }
+    })
+}
+
+/// Drains the queue with `daemons` processes of `jobhost run --once` and prints the rate.
+async fn drain_with_processes(config_path: &Path, client: &Client, jobs: usize, daemons: usize) -> Result<(), BenchError> {
+    let succeeded_before = succeeded(client).await?;
+    let bar = progress_bar(jobs as u64, "drain");
+    let watcher = watch_progress(client, &bar, succeeded_before);
+    let exe = std::env::current_exe().map_err(BenchError::setup)?;
+    let started = Instant::now();
+    let mut children = Vec::with_capacity(daemons);
+    for _ in 0..daemons {
+        let child = tokio::process::Command::new(&exe)
+            .arg("--config")
+            .arg(config_path)
+            .args(["run", "--once"])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .map_err(BenchError::setup)?;
+        children.push(child);
+    }
+    for mut child in children {
+        let status = child.wait().await.map_err(BenchError::setup)?;
+        if !status.success() {
+            return Err(BenchError::Setup(format!("a daemon process failed: {status}")));
+        }
+    }
+    let drain_time = started.elapsed();
+    watcher.abort();
+    bar.finish_and_clear();
+    let done = succeeded(client).await? - succeeded_before;
+    if done != jobs as u64 {
+        return Err(BenchError::Setup(format!("{daemons} daemons ran {done} of {jobs} jobs")));
+    }
+    println!(
+        "drain, {daemons} daemon processes: {jobs} jobs in {:.2} s = {:.0} jobs/s (process start-up included)",
+        drain_time.as_secs_f64(),
+        jobs as f64 / drain_time.as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn succeeded(client: &Client) -> Result<u64, BenchError> {
+    let counts = client.store().counts().await.map_err(BenchError::setup)?;
+    Ok(counts.iter().find(|(status, _)| *status == Status::Succeeded).map_or(0, |(_, count)| *count))
+}
+
+/// A schema of the benchmark's own in a PostgreSQL database.
+struct BenchSchema {
+    server: String,
+    name: String,
+}
+
+impl BenchSchema {
+    async fn create(server: &str) -> Result<Self, BenchError> {
+        use sqlx::Connection;
+        let name = format!("jobhost_bench_{}", std::process::id());
+        let mut connection = sqlx::PgConnection::connect(server).await.map_err(BenchError::setup)?;
+        sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"))
+            .execute(&mut connection)
+            .await
+            .map_err(BenchError::setup)?;
+        Ok(Self { server: server.to_owned(), name })
+    }
+
+    fn url(&self) -> String {
+        let separator = if self.server.contains('?') { '&' } else { '?' };
+        format!("{}{separator}options=-c%20search_path%3D{}", self.server, self.name)
+    }
+
+    async fn drop_schema(self) {
+        use sqlx::Connection;
+        if let Ok(mut connection) = sqlx::PgConnection::connect(&self.server).await {
+            let _ = sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name)).execute(&mut connection).await;
+        }
+    }
 }
 
 async fn latency(config_path: &Path, config: &Arc<Config>, registry: &Arc<Registry>, client: &Client, samples: usize) -> Result<(), BenchError> {
