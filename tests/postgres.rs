@@ -254,3 +254,48 @@ fn cli_works_on_postgres() {
     env.wait_for_status(delayed, "succeeded", LONG);
     drop(daemon);
 }
+
+#[test]
+fn listener_reconnects_after_cut() {
+    let server: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    let proxy = Proxy::start(server);
+    let through_proxy = |url: &str| url.replacen("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port()), 1);
+    // A 60 s poll interval: after the cut, only a re-established LISTEN can
+    // start a new job quickly.
+    let Some(env) = Env::postgres(&host(2, "30s", "60s"), through_proxy) else { return };
+    let mut daemon = env.start_daemon(&[]);
+    let schema = env.schema.as_ref().unwrap().name.clone();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listeners_since = |since: &str| -> i64 {
+        runtime.block_on(async {
+            let pool = sqlx::PgPool::connect(&env.postgres_url()).await.unwrap();
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_stat_activity
+                 WHERE query ILIKE 'LISTEN%' AND query LIKE '%' || $1 || '%' AND backend_start > $2::timestamptz",
+            )
+            .bind(&schema)
+            .bind(since)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        })
+    };
+    let listening = wait_until(LONG, || listeners_since("-infinity") == 1);
+    assert!(listening, "the daemon never listened:\n{}", daemon.stderr());
+
+    proxy.cut();
+    std::thread::sleep(Duration::from_secs(2));
+    let restored_at: String = runtime.block_on(async {
+        let pool = sqlx::PgPool::connect(&env.postgres_url()).await.unwrap();
+        sqlx::query_scalar("SELECT now()::text").fetch_one(&pool).await.unwrap()
+    });
+    proxy.restore();
+
+    let relistened = wait_until(LONG, || listeners_since(&restored_at) == 1);
+    assert!(relistened, "the daemon did not listen again after the cut:\n{}", daemon.stderr());
+    let id = env.dispatch(&["demo", "handle", "--params", "\"after the cut\""]);
+    let started = Instant::now();
+    env.wait_for_status(id, "succeeded", Duration::from_secs(20));
+    assert!(started.elapsed() < Duration::from_secs(5), "the job waited {:?} for a poll", started.elapsed());
+    assert!(daemon.is_running());
+}

@@ -404,7 +404,8 @@ fn validate(source: &Source<'_>, raw: RawConfig, problems: &mut Vec<Problem>) ->
     let concurrency = positive_count(source, "concurrency", host.concurrency.as_ref(), 1, 1024, problems)
         .unwrap_or(default_concurrency);
     let prefetch = positive_count(source, "prefetch", host.prefetch.as_ref(), 0, 100_000, problems).unwrap_or(0);
-    let pool_size = positive_count(source, "pool_size", host.pool_size.as_ref(), 1, 1000, problems).unwrap_or(10) as u32;
+    // One connection of the pool is held by the listener for wake-ups.
+    let pool_size = positive_count(source, "pool_size", host.pool_size.as_ref(), 2, 1000, problems).unwrap_or(10) as u32;
 
     let poll_interval = duration_setting(source, "poll_interval", host.poll_interval.as_ref(), false, problems)
         .unwrap_or(Duration::from_secs(1));
@@ -700,6 +701,12 @@ max_attempts = 0
         let config = parse("[host]\ndatabase = \"postgres://jobs:secret@db.internal:5432/queue\"\npool_size = 20\n").unwrap();
         assert_eq!(config.host.database, Database::Postgres("postgres://jobs:secret@db.internal:5432/queue".into()));
         assert_eq!(config.host.pool_size, 20);
+    }
+
+    #[test]
+    fn pool_of_one_is_rejected() {
+        let found = problems("[host]\npool_size = 1\n");
+        assert_eq!(found, vec!["/srv/jobs.toml:2: pool_size = 1 is out of range; use a whole number from 2 to 1000".to_owned()]);
     }
 
     #[test]
