@@ -176,7 +176,7 @@ fn check_lists_plugins_and_methods() {
     let env = Env::new();
     let output = env.ok(&["check"]);
     assert!(output.contains("plugin demo 0.1.0"), "{output}");
-    assert!(output.contains("whitelisted: fail, flaky, handle, noop, panic, record, sleep"), "{output}");
+    assert!(output.contains("whitelisted: fail, flaky, handle, noop, panic, record, sleep, whoami"), "{output}");
     assert!(output.contains("exported, not whitelisted: update"), "{output}");
     assert!(output.contains("plugin files 0.1.0"), "{output}");
 }

@@ -96,6 +96,14 @@ pub enum Command {
     Check,
     /// Create the database or bring its schema up to date.
     Migrate,
+    /// Ask the running daemons to read jobs.toml and the libraries again.
+    Reload,
+    /// List what the daemons running on this machine have loaded.
+    Plugins {
+        /// Print JSON: one object per daemon.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure dispatch rate, drain throughput and dispatch-to-start latency.
     Bench(crate::bench::BenchArgs),
     /// Internal: dispatch jobs one by one for the latency benchmark.
@@ -132,6 +140,8 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Retry { id } => retry(&cli.config, id).await,
         Command::Check => check(&cli.config),
         Command::Migrate => migrate(&cli.config).await,
+        Command::Reload => reload(&cli.config).await,
+        Command::Plugins { json } => plugins(&cli.config, json),
         Command::Bench(args) => crate::bench::run(args).await.map_err(Failure::from),
         Command::BenchDispatcher(args) => crate::bench::dispatcher(&cli.config, args).await.map_err(Failure::from),
     };
@@ -347,6 +357,16 @@ async fn retry(config_path: &std::path::Path, id: JobId) -> Result<(), Failure> 
 }
 
 fn check(config_path: &std::path::Path) -> Result<(), Failure> {
+    // A daemon that rejected a reload is still on its previous set.
+    for daemon in running_daemons(config_path) {
+        let problems = daemon["reload_problems"].as_array().cloned().unwrap_or_default();
+        if !problems.is_empty() {
+            eprintln!("warning: daemon {} rejected its last reload and runs its previous configuration:", daemon["pid"]);
+            for problem in problems {
+                eprintln!("warning:   {}", problem.as_str().unwrap_or_default());
+            }
+        }
+    }
     let config = load_config(config_path)?;
     let registry = load_registry(&config)?;
     println!("{}: valid", config.path.display());
@@ -359,6 +379,82 @@ fn check(config_path: &std::path::Path) -> Result<(), Failure> {
         println!("  whitelisted: {}", whitelisted.join(", "));
         if !other.is_empty() {
             println!("  exported, not whitelisted: {}", other.join(", "));
+        }
+    }
+    Ok(())
+}
+
+async fn reload(config_path: &std::path::Path) -> Result<(), Failure> {
+    let config = load_config(config_path)?;
+    let database = config.host.database.to_string();
+    let client = open_existing(config).await?;
+    client.store().wake(crate::wake::Wake::Reload).await;
+    println!("asked the daemons of {database} to reload; `jobhost plugins` shows what they loaded");
+    Ok(())
+}
+
+/// Returns the state of each daemon running on this machine with this
+/// jobs.toml. While the file is broken, looks in the default log folder.
+fn running_daemons(config_path: &std::path::Path) -> Vec<serde_json::Value> {
+    let folder = match Config::load(config_path) {
+        Ok(config) => crate::reload::state_folder(&config),
+        Err(_) => {
+            let absolute = std::path::absolute(config_path).unwrap_or_else(|_| config_path.to_owned());
+            absolute.parent().unwrap_or(std::path::Path::new(".")).join("logs").join("daemons")
+        }
+    };
+    let Ok(entries) = std::fs::read_dir(&folder) else { return Vec::new() };
+    let mut daemons: Vec<serde_json::Value> = entries
+        .flatten()
+        .filter(|entry| entry.path().extension().is_some_and(|extension| extension == "json"))
+        .filter_map(|entry| serde_json::from_slice(&std::fs::read(entry.path()).ok()?).ok())
+        .filter(|state: &serde_json::Value| {
+            // SAFETY: kill with signal 0 only checks that the process exists.
+            state["pid"].as_i64().is_some_and(|pid| unsafe { libc::kill(pid as i32, 0) } == 0)
+        })
+        .collect();
+    daemons.sort_by_key(|state| state["pid"].as_i64());
+    daemons
+}
+
+fn plugins(config_path: &std::path::Path, json: bool) -> Result<(), Failure> {
+    let daemons = running_daemons(config_path);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&daemons)?);
+        return Ok(());
+    }
+    if daemons.is_empty() {
+        return Err(fail(format!(
+            "no daemon using {} is running on this machine; start one with `jobhost run`",
+            config_path.display()
+        )));
+    }
+    for daemon in &daemons {
+        println!("daemon {} ({}), updated {}", daemon["pid"], daemon["owner"].as_str().unwrap_or_default(), daemon["updated_at"].as_str().unwrap_or_default());
+        for plugin in daemon["plugins"].as_array().into_iter().flatten() {
+            let list = |key: &str| -> Vec<String> {
+                plugin[key].as_array().into_iter().flatten().filter_map(|value| value.as_str().map(str::to_owned)).collect()
+            };
+            let whitelisted = list("whitelisted");
+            let other: Vec<String> = list("exported").into_iter().filter(|method| !whitelisted.contains(method)).collect();
+            println!(
+                "  plugin {} {} ({})",
+                plugin["name"].as_str().unwrap_or_default(),
+                plugin["version"].as_str().unwrap_or_default(),
+                plugin["path"].as_str().unwrap_or_default()
+            );
+            println!("    sha256:      {}", plugin["sha256"].as_str().unwrap_or_default());
+            println!("    whitelisted: {}", whitelisted.join(", "));
+            if !other.is_empty() {
+                println!("    exported, not whitelisted: {}", other.join(", "));
+            }
+        }
+        let problems = daemon["reload_problems"].as_array().cloned().unwrap_or_default();
+        if !problems.is_empty() {
+            println!("  last reload rejected; still running the set above:");
+            for problem in problems {
+                println!("    {}", problem.as_str().unwrap_or_default());
+            }
         }
     }
     Ok(())

@@ -62,6 +62,9 @@ pub struct HostSettings {
     pub shutdown_grace: Duration,
     /// Folder of `jobs.log` and `jobs-errors.log`. Default: `logs` beside jobs.toml.
     pub log_dir: PathBuf,
+    /// Folder of the copies of plugin libraries that the daemon loads, each
+    /// named by its content hash. Default: `.jobhost/libraries` beside jobs.toml.
+    pub library_cache: PathBuf,
     /// SQLite `synchronous` pragma. Default: `normal`.
     pub synchronous: Synchronous,
 }
@@ -138,6 +141,10 @@ pub struct PluginConfig {
     pub line: usize,
     /// The whitelist: each allowed method with its resolved settings.
     pub methods: BTreeMap<String, MethodSettings>,
+    /// The SHA-256 the library file must have, in lowercase hex, if pinned.
+    pub sha256: Option<String>,
+    /// Load the library even if others can write it or another user owns it.
+    pub allow_insecure_permissions: bool,
 }
 
 /// Retry and timeout settings of one whitelisted method.
@@ -322,6 +329,7 @@ struct RawHost {
     lease: Option<Spanned<String>>,
     shutdown_grace: Option<Spanned<String>>,
     log_dir: Option<String>,
+    library_cache: Option<String>,
     synchronous: Option<Synchronous>,
     // The method settings that `[host]` sets for every plugin. They are
     // spelled out, not flattened, because serde cannot combine
@@ -341,6 +349,9 @@ struct RawPlugin {
     methods: Spanned<Vec<Spanned<String>>>,
     #[serde(default)]
     method: BTreeMap<Spanned<String>, RawMethodSettings>,
+    sha256: Option<Spanned<String>>,
+    #[serde(default)]
+    allow_insecure_permissions: bool,
     max_attempts: Option<Spanned<i64>>,
     retry_delay: Option<Spanned<String>>,
     backoff: Option<Spanned<String>>,
@@ -419,6 +430,7 @@ fn validate(source: &Source<'_>, raw: RawConfig, problems: &mut Vec<Problem>) ->
         .unwrap_or(Duration::from_secs(10));
 
     let log_dir = folder.join(host.log_dir.as_deref().unwrap_or("logs"));
+    let library_cache = folder.join(host.library_cache.as_deref().unwrap_or(".jobhost/libraries"));
     let host_defaults = method_settings(source, &method_settings_of!(host), &MethodSettings::default(), problems);
 
     let mut plugins: Vec<PluginConfig> = Vec::new();
@@ -464,7 +476,27 @@ fn validate(source: &Source<'_>, raw: RawConfig, problems: &mut Vec<Problem>) ->
             }
         }
 
-        plugins.push(PluginConfig { name, path, line: source.line(&name_span), methods });
+        let sha256 = raw_plugin.sha256.as_ref().and_then(|pin| {
+            let hex = pin.get_ref().trim().to_ascii_lowercase();
+            if hex.len() == 64 && hex.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+                Some(hex)
+            } else {
+                problems.push(source.problem(
+                    &pin.span(),
+                    format!("plugin {name:?}: sha256 = {:?} is not a SHA-256 digest; use the 64 hex digits that `sha256sum` prints", pin.get_ref()),
+                ));
+                None
+            }
+        });
+
+        plugins.push(PluginConfig {
+            name,
+            path,
+            line: source.line(&name_span),
+            methods,
+            sha256,
+            allow_insecure_permissions: raw_plugin.allow_insecure_permissions,
+        });
     }
 
     Config {
@@ -478,6 +510,7 @@ fn validate(source: &Source<'_>, raw: RawConfig, problems: &mut Vec<Problem>) ->
             lease,
             shutdown_grace,
             log_dir,
+            library_cache,
             synchronous: host.synchronous.unwrap_or(Synchronous::Normal),
         },
         plugins,
@@ -701,6 +734,16 @@ max_attempts = 0
         let config = parse("[host]\ndatabase = \"postgres://jobs:secret@db.internal:5432/queue\"\npool_size = 20\n").unwrap();
         assert_eq!(config.host.database, Database::Postgres("postgres://jobs:secret@db.internal:5432/queue".into()));
         assert_eq!(config.host.pool_size, 20);
+    }
+
+    #[test]
+    fn sha256_pin_must_be_a_digest() {
+        let found = problems("[[plugin]]\nname = \"demo\"\npath = \"a.so\"\nmethods = [\"x\"]\nsha256 = \"abc\"\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("/srv/jobs.toml:5: plugin \"demo\": sha256 = \"abc\" is not a SHA-256 digest"), "{}", found[0]);
+        let digest = "AB".repeat(32);
+        let config = parse(&format!("[[plugin]]\nname = \"demo\"\npath = \"a.so\"\nmethods = [\"x\"]\nsha256 = \"{digest}\"\n")).unwrap();
+        assert_eq!(config.plugins[0].sha256.as_deref(), Some("ab".repeat(32).as_str()));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod executor;
 pub mod registry;
+pub mod reload;
 pub mod scheduler;
 pub mod store;
 pub mod time;

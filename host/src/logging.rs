@@ -42,8 +42,10 @@ pub fn init(stderr: Stderr, log_dir: Option<&Path>) -> LogGuard {
         Stderr::Quiet | Stderr::Off => "warn",
     };
     let stderr_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // Colors only on a terminal, so that captured logs stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let stderr_layer = (stderr != Stderr::Off)
-        .then(|| fmt::layer().with_writer(std::io::stderr).with_target(false).with_filter(stderr_filter));
+        .then(|| fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_target(false).with_filter(stderr_filter));
 
     let mut guards = Vec::new();
     let mut file_layers = Vec::new();

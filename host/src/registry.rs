@@ -8,11 +8,19 @@
 //! the plugin-api version and the type layouts; every failure of every plugin
 //! is collected, so that start-up reports them all at once.
 //!
-//! Libraries are never unloaded.
+//! The daemon never loads a library from its configured path. It copies the
+//! file into the library cache under a name made of the plugin name and the
+//! file's SHA-256, and loads the copy. A rebuilt library is then a new file
+//! with a new name, which the OS loader loads beside the old one, while jobs
+//! already running keep the old code; and a library overwritten in place
+//! cannot corrupt the mapped copy. A file whose hash is already loaded is not
+//! loaded again.
+//!
+//! Libraries are never unloaded: each version stays mapped until the daemon
+//! exits.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -29,7 +37,10 @@ pub struct LoadedPlugin {
     /// The name the library gives itself.
     pub library_name: String,
     pub version: String,
+    /// The library file jobs.toml names.
     pub path: PathBuf,
+    /// The content-addressed copy that was loaded.
+    pub loaded_from: PathBuf,
     /// SHA-256 of the library file, in lowercase hex.
     pub sha256: String,
     /// Every method the library exports, whitelisted or not.
@@ -37,6 +48,13 @@ pub struct LoadedPlugin {
     /// Whitelisted methods with their settings; all of them are exported.
     pub whitelist: BTreeMap<String, MethodSettings>,
     pub(crate) module: PluginModuleRef,
+}
+
+impl LoadedPlugin {
+    /// Returns true if this entry runs the same code with the same whitelist as `other`.
+    pub fn same_as(&self, other: &LoadedPlugin) -> bool {
+        self.sha256 == other.sha256 && self.whitelist == other.whitelist
+    }
 }
 
 impl fmt::Debug for LoadedPlugin {
@@ -77,6 +95,18 @@ pub enum LoadError {
     #[error("{config}:{line}: plugin {plugin:?}: {} failed to start: {detail}", path.display())]
     Init { config: PathBuf, line: usize, plugin: String, path: PathBuf, detail: String },
 
+    #[error("{config}:{line}: plugin {plugin:?}: {} is writable by {who} (mode {mode:o}), so they could replace its code; run `chmod go-w` on it, or set allow_insecure_permissions = true for the plugin", path.display())]
+    Writable { config: PathBuf, line: usize, plugin: String, path: PathBuf, mode: u32, who: &'static str },
+
+    #[error("{config}:{line}: plugin {plugin:?}: {} is owned by user id {owner}, not by the daemon's user id {daemon}; chown it, or set allow_insecure_permissions = true for the plugin", path.display())]
+    Owner { config: PathBuf, line: usize, plugin: String, path: PathBuf, owner: u32, daemon: u32 },
+
+    #[error("{config}:{line}: plugin {plugin:?}: {} has SHA-256 {found}, but jobs.toml pins {expected}; deploy the pinned build or update sha256", path.display())]
+    HashMismatch { config: PathBuf, line: usize, plugin: String, path: PathBuf, expected: String, found: String },
+
+    #[error("{config}:{line}: plugin {plugin:?}: cannot read {} or copy it into the library cache {}: {detail}", path.display(), cache.display())]
+    Copy { config: PathBuf, line: usize, plugin: String, path: PathBuf, cache: PathBuf, detail: String },
+
     #[error("{config}:{line}: plugin {plugin:?}: method {method:?} is whitelisted but {} does not export it (it exports: {}); remove it from methods or rebuild the plugin", path.display(), exported.join(", "))]
     NotExported { config: PathBuf, line: usize, plugin: String, path: PathBuf, method: String, exported: Vec<String> },
 }
@@ -91,10 +121,21 @@ pub enum NotRunnable {
 impl Registry {
     /// Loads every plugin in `config`, or returns every problem found.
     pub fn load(config: &Config) -> Result<Self, Vec<LoadError>> {
+        Self::reload(config, None)
+    }
+
+    /// Loads every plugin in `config`, reusing the libraries of `previous`
+    /// whose files have not changed, or returns every problem found.
+    pub fn reload(config: &Config, previous: Option<&Registry>) -> Result<Self, Vec<LoadError>> {
         let mut registry = Registry::default();
         let mut errors = Vec::new();
+        let mut loaded: HashMap<String, (PluginModuleRef, PathBuf)> = previous
+            .into_iter()
+            .flat_map(|previous| previous.plugins.values())
+            .map(|plugin| (plugin.sha256.clone(), (plugin.module, plugin.loaded_from.clone())))
+            .collect();
         for plugin in &config.plugins {
-            match load_plugin(config, plugin) {
+            match load_plugin(config, plugin, &mut loaded) {
                 Ok(loaded) => {
                     registry.plugins.insert(loaded.name.clone(), Arc::new(loaded));
                 }
@@ -123,7 +164,11 @@ impl Registry {
     }
 }
 
-fn load_plugin(config: &Config, plugin: &PluginConfig) -> Result<LoadedPlugin, Vec<LoadError>> {
+fn load_plugin(
+    config: &Config,
+    plugin: &PluginConfig,
+    loaded: &mut HashMap<String, (PluginModuleRef, PathBuf)>,
+) -> Result<LoadedPlugin, Vec<LoadError>> {
     let config_path = config.path.clone();
     let line = plugin.line;
     let name = plugin.name.clone();
@@ -132,21 +177,35 @@ fn load_plugin(config: &Config, plugin: &PluginConfig) -> Result<LoadedPlugin, V
     if !path.is_file() {
         return Err(vec![LoadError::Missing { config: config_path, line, plugin: name, path }]);
     }
-    let expected = jobhost_plugin_api_version();
-
-    let header = match lib_header_from_path(&path) {
-        Ok(header) => header,
-        Err(LibraryError::OpenError { err, .. }) => {
-            return Err(vec![LoadError::NotALibrary { config: config_path, line, plugin: name, path, detail: err.to_string() }]);
-        }
-        Err(LibraryError::GetSymbolError { .. }) => {
-            return Err(vec![LoadError::NotAPlugin { config: config_path, line, plugin: name, path }]);
-        }
-        Err(error) => return Err(vec![classify(error, config_path, line, name, path, expected)]),
+    if !plugin.allow_insecure_permissions {
+        check_permissions(&path).map_err(|problem| {
+            vec![match problem {
+                Permission::Writable { mode, who } => LoadError::Writable { config: config_path.clone(), line, plugin: name.clone(), path: path.clone(), mode, who },
+                Permission::Owner { owner, daemon } => LoadError::Owner { config: config_path.clone(), line, plugin: name.clone(), path: path.clone(), owner, daemon },
+            }]
+        })?;
+    }
+    let cache = &config.host.library_cache;
+    let copy_error = |detail: String| {
+        vec![LoadError::Copy { config: config_path.clone(), line, plugin: name.clone(), path: path.clone(), cache: cache.clone(), detail }]
     };
-    let module: PluginModuleRef = match header.init_root_module::<PluginModuleRef>() {
-        Ok(module) => module,
-        Err(error) => return Err(vec![classify(error, config_path, line, name, path, expected)]),
+    // Hash a private snapshot, so that the bytes checked are the bytes loaded.
+    let snapshot = Snapshot::take(&path, cache, &name).map_err(|error| copy_error(error.to_string()))?;
+    let sha256 = snapshot.sha256.clone();
+    if let Some(expected) = &plugin.sha256
+        && *expected != sha256
+    {
+        return Err(vec![LoadError::HashMismatch { config: config_path, line, plugin: name, path, expected: expected.clone(), found: sha256 }]);
+    }
+
+    let (module, loaded_from) = match loaded.get(&sha256) {
+        Some((module, loaded_from)) => (*module, loaded_from.clone()),
+        None => {
+            let copy = snapshot.keep().map_err(|error| copy_error(error.to_string()))?;
+            let module = open_library(&copy).map_err(|problem| vec![problem.into_error(config_path.clone(), line, name.clone(), path.clone())])?;
+            loaded.insert(sha256.clone(), (module, copy.clone()));
+            (module, copy)
+        }
     };
 
     let exported: Vec<String> = module.methods().iter().map(|method| method.as_str().to_owned()).collect();
@@ -171,12 +230,133 @@ fn load_plugin(config: &Config, plugin: &PluginConfig) -> Result<LoadedPlugin, V
         name,
         library_name: module.name().as_str().to_owned(),
         version: module.version().as_str().to_owned(),
-        sha256: file_sha256(&path).unwrap_or_default(),
+        sha256,
         path,
+        loaded_from,
         exported,
         whitelist: plugin.methods.clone(),
         module,
     })
+}
+
+/// Why a library file may not be loaded.
+enum Permission {
+    Writable { mode: u32, who: &'static str },
+    Owner { owner: u32, daemon: u32 },
+}
+
+/// Checks that only the daemon's user can change the library at `path`.
+fn check_permissions(path: &Path) -> Result<(), Permission> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(metadata) = std::fs::metadata(path) else { return Ok(()) };
+    let mode = metadata.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        let who = match (mode & 0o020 != 0, mode & 0o002 != 0) {
+            (true, true) => "its group and all users",
+            (true, false) => "its group",
+            _ => "all users",
+        };
+        return Err(Permission::Writable { mode, who });
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let daemon = unsafe { libc::geteuid() };
+    if metadata.uid() != daemon {
+        return Err(Permission::Owner { owner: metadata.uid(), daemon });
+    }
+    Ok(())
+}
+
+/// A copy of a library file in the library cache, with its SHA-256, made
+/// before anything is checked or loaded. Dropped unless kept.
+struct Snapshot {
+    partial: PathBuf,
+    copy: PathBuf,
+    sha256: String,
+}
+
+impl Snapshot {
+    /// Copies the file at `path` into `cache` while hashing it, in 64 KiB steps.
+    fn take(path: &Path, cache: &Path, name: &str) -> std::io::Result<Self> {
+        use std::io::{Read, Write};
+        let safe_name: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+        std::fs::create_dir_all(cache)?;
+        let partial = cache.join(format!(".{safe_name}.{}.{:08x}.partial", std::process::id(), rand::random::<u32>()));
+        let mut source = std::fs::File::open(path)?;
+        let mut target = std::fs::File::create(&partial)?;
+        let mut hasher = Sha256::new();
+        let mut buffer = vec![0u8; 64 * 1024];
+        let copied = (|| -> std::io::Result<()> {
+            loop {
+                let read = source.read(&mut buffer)?;
+                if read == 0 {
+                    return target.flush();
+                }
+                hasher.update(&buffer[..read]);
+                target.write_all(&buffer[..read])?;
+            }
+        })();
+        if let Err(error) = copied {
+            let _ = std::fs::remove_file(&partial);
+            return Err(error);
+        }
+        let sha256: String = hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect();
+        let copy = cache.join(format!("{safe_name}-{}.so", &sha256[..16]));
+        Ok(Self { partial, copy, sha256 })
+    }
+
+    /// Moves the snapshot to its content-addressed name, unless a copy with
+    /// that content is there already, and returns that name.
+    fn keep(&self) -> std::io::Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        // Copies only ever appear by rename, complete, and their name carries
+        // 64 bits of the hash, so an existing copy has this content.
+        if self.copy.exists() {
+            return Ok(self.copy.clone());
+        }
+        std::fs::set_permissions(&self.partial, std::fs::Permissions::from_mode(0o555))?;
+        // Rename, so that no process ever sees half a file under the final name.
+        std::fs::rename(&self.partial, &self.copy)?;
+        Ok(self.copy.clone())
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.partial);
+    }
+}
+
+/// Why a library file could not be opened as a plugin.
+enum OpenProblem {
+    NotALibrary(String),
+    NotAPlugin,
+    Other(LibraryError),
+}
+
+impl OpenProblem {
+    fn into_error(self, config: PathBuf, line: usize, plugin: String, path: PathBuf) -> LoadError {
+        match self {
+            Self::NotALibrary(detail) => LoadError::NotALibrary { config, line, plugin, path, detail },
+            Self::NotAPlugin => LoadError::NotAPlugin { config, line, plugin, path },
+            Self::Other(error) => classify(error, config, line, plugin, path, jobhost_plugin_api_version()),
+        }
+    }
+}
+
+/// Loads the library at `path` through its `abi_stable` header.
+fn open_library(path: &Path) -> Result<PluginModuleRef, OpenProblem> {
+    let header = match lib_header_from_path(path) {
+        Ok(header) => header,
+        Err(LibraryError::OpenError { err, .. }) => {
+            // The message of dlopen repeats the path of the cached copy; keep its reason.
+            let detail = err.to_string();
+            let detail = detail.rsplit(": ").next().unwrap_or(&detail).to_owned();
+            return Err(OpenProblem::NotALibrary(detail));
+        }
+        Err(LibraryError::GetSymbolError { .. }) => return Err(OpenProblem::NotAPlugin),
+        Err(error) => return Err(OpenProblem::Other(error)),
+    };
+    header.init_root_module::<PluginModuleRef>().map_err(OpenProblem::Other)
 }
 
 /// Turns an `abi_stable` load failure into a short message; the full layout
@@ -208,17 +388,7 @@ fn jobhost_plugin_api_version() -> String {
     strings.version.as_str().to_owned()
 }
 
-/// Returns the SHA-256 of the file at `path`, in lowercase hex.
-pub fn file_sha256(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        let read = file.read(&mut buffer)?;
-        if read == 0 {
-            break;
-        }
-        hasher.update(&buffer[..read]);
-    }
-    Ok(hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect())
+/// Returns the SHA-256 of `bytes`, in lowercase hex.
+pub fn bytes_sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|byte| format!("{byte:02x}")).collect()
 }

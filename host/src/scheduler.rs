@@ -40,6 +40,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::Config;
 use crate::executor::{Run, RunSink, RunState, WorkerPool};
 use crate::registry::Registry;
+use crate::reload::{self, Live, Trigger};
 use crate::store::{ClaimedJob, Finished, FinishedOutcome, JobId, Status, Store};
 use crate::wake::{Wake, WakeSubscription};
 
@@ -74,13 +75,17 @@ pub struct Summary {
 pub struct Daemon {
     shared: Arc<Shared>,
     results: mpsc::UnboundedReceiver<Completion>,
+    reloads: mpsc::UnboundedReceiver<Trigger>,
 }
 
 struct Shared {
     config: Arc<Config>,
-    registry: Arc<Registry>,
+    /// The plugins and whitelist in use, replaced by reloads.
+    live: Arc<Live>,
     store: Arc<dyn Store>,
     owner: String,
+    /// Asks the reload task for a reload.
+    reload_requests: mpsc::UnboundedSender<Trigger>,
     /// Claimed jobs that have not produced a result yet.
     in_flight: Mutex<HashMap<JobId, Arc<RunState>>>,
     /// Claimed jobs that shutdown stopped before they started.
@@ -109,12 +114,15 @@ struct Completion {
 impl Daemon {
     pub fn new(config: Arc<Config>, registry: Arc<Registry>, store: Arc<dyn Store>) -> Self {
         let (results_sender, results) = mpsc::unbounded_channel();
+        let (reload_requests, reloads) = mpsc::unbounded_channel();
         let (concurrency, prefetch) = (config.host.concurrency, config.host.prefetch);
+        let owner = owner_id();
         let shared = Arc::new(Shared {
+            live: Live::new(config.clone(), registry, &owner),
             config,
-            registry,
             store,
-            owner: owner_id(),
+            owner,
+            reload_requests,
             in_flight: Mutex::new(HashMap::new()),
             not_started: Mutex::new(Vec::new()),
             unwritten: AtomicUsize::new(0),
@@ -125,7 +133,7 @@ impl Daemon {
             refill_below: refill_below(concurrency, prefetch),
             summary: Mutex::new(Summary::default()),
         });
-        Self { shared, results }
+        Self { shared, results, reloads }
     }
 
     /// Returns the lease owner this daemon writes into the jobs it claims.
@@ -147,6 +155,9 @@ impl Daemon {
             "daemon started"
         );
 
+        // `run --once` finishes with the configuration it started with.
+        let reloader = (mode == Mode::Forever)
+            .then(|| tokio::spawn(reload::run(shared.live.clone(), shared.reload_requests.clone(), self.reloads)));
         let writer_stop = CancellationToken::new();
         let writer = tokio::spawn(write_results(shared.clone(), self.results, writer_stop.clone()));
         let keeper_stop = CancellationToken::new();
@@ -169,6 +180,10 @@ impl Daemon {
         if let Some(listener) = listener {
             listener.abort();
         }
+        if let Some(reloader) = reloader {
+            reloader.abort();
+        }
+        shared.live.remove_state();
         writer_stop.cancel();
         let _ = writer.await;
         let summary = *shared.summary.lock().unwrap();
@@ -319,7 +334,8 @@ fn start(shared: &Arc<Shared>, pool: &WorkerPool, job: ClaimedJob) {
 
     // The whitelist is checked again here, because jobs.toml may have
     // changed since the job was dispatched.
-    match shared.registry.method(&job.plugin, &job.method) {
+    let registry = shared.live.registry();
+    match registry.method(&job.plugin, &job.method) {
         Ok((plugin, settings)) => pool.submit(Run { plugin: plugin.clone(), settings: settings.clone(), state, job }),
         Err(reason) => {
             let error = format!("{reason}; the job was not run");
@@ -546,7 +562,10 @@ async fn listen_for_wakeups(shared: Arc<Shared>, mut subscription: WakeSubscript
         match subscription.recv().await {
             Ok(wake) => {
                 backoff = Duration::from_millis(100);
-                if wake == Wake::Cancelled {
+                if wake == Wake::Reload {
+                    let _ = shared.reload_requests.send(Trigger::Command);
+                }
+                if wake != Wake::Dispatched {
                     shared.check_leases.notify_one();
                 }
                 shared.changed.notify_one();

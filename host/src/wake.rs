@@ -21,6 +21,8 @@ pub enum Wake {
     Dispatched,
     /// A job was cancelled; its daemon should stop it now.
     Cancelled,
+    /// `jobhost reload`: read jobs.toml and the libraries again.
+    Reload,
 }
 
 impl Wake {
@@ -28,6 +30,23 @@ impl Wake {
         match self {
             Self::Dispatched => b'd',
             Self::Cancelled => b'c',
+            Self::Reload => b'r',
+        }
+    }
+
+    fn rank(self) -> u8 {
+        match self {
+            Self::Dispatched => 0,
+            Self::Cancelled => 1,
+            Self::Reload => 2,
+        }
+    }
+
+    fn from_byte(byte: u8) -> Self {
+        match byte {
+            b'c' => Self::Cancelled,
+            b'r' => Self::Reload,
+            _ => Self::Dispatched,
         }
     }
 }
@@ -58,8 +77,7 @@ impl WakeSubscription {
         match self {
             Self::Socket(listener) => listener.recv().await.map_err(|error| error.to_string()),
             Self::Postgres(listener) => match listener.try_recv().await {
-                Ok(Some(notification)) if notification.payload() == "c" => Ok(Wake::Cancelled),
-                Ok(Some(_)) => Ok(Wake::Dispatched),
+                Ok(Some(notification)) => Ok(Wake::from_byte(notification.payload().bytes().next().unwrap_or(b'd'))),
                 Ok(None) => {
                     tracing::warn!(target: "jobhost::daemon", "lost the LISTEN connection; reconnecting and looking for due jobs");
                     Ok(Wake::Dispatched)
@@ -102,10 +120,13 @@ impl WakeListener {
     pub async fn recv(&self) -> std::io::Result<Wake> {
         let mut buffer = [0u8; 64];
         let received = self.socket.recv(&mut buffer).await?;
-        let mut wake = if buffer[..received].contains(&Wake::Cancelled.byte()) { Wake::Cancelled } else { Wake::Dispatched };
+        let mut wake = Wake::from_byte(buffer[..received].first().copied().unwrap_or(b'd'));
+        // Of several queued wake-ups, the one that asks for more wins: a
+        // reload or a cancel also makes the daemon look for due jobs.
         while let Ok(received) = self.socket.try_recv(&mut buffer) {
-            if buffer[..received].contains(&Wake::Cancelled.byte()) {
-                wake = Wake::Cancelled;
+            let next = Wake::from_byte(buffer[..received].first().copied().unwrap_or(b'd'));
+            if next.rank() > wake.rank() {
+                wake = next;
             }
         }
         Ok(wake)

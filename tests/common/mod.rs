@@ -19,6 +19,8 @@ pub struct Build {
     pub jobhost: PathBuf,
     pub demo: PathBuf,
     pub files: PathBuf,
+    /// A plugin built against an older jobhost-plugin-api.
+    pub old_api: PathBuf,
 }
 
 /// Builds `jobhost` and the plugins with the profile of this test binary,
@@ -31,7 +33,7 @@ pub fn build() -> &'static Build {
         let mut command = Command::new(cargo);
         command
             .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["build", "--quiet", "-p", "jobhost", "-p", "jobhost-demo", "-p", "jobhost-files"]);
+            .args(["build", "--quiet", "-p", "jobhost", "-p", "jobhost-demo", "-p", "jobhost-files", "-p", "jobhost-old-plugin"]);
         if !cfg!(debug_assertions) {
             command.arg("--release");
         }
@@ -45,8 +47,9 @@ pub fn build() -> &'static Build {
             jobhost: profile_dir.join("jobhost"),
             demo: profile_dir.join("libjobhost_demo.so"),
             files: profile_dir.join("libjobhost_files.so"),
+            old_api: profile_dir.join("libjobhost_old_plugin.so"),
         };
-        for path in [&build.jobhost, &build.demo, &build.files] {
+        for path in [&build.jobhost, &build.demo, &build.files, &build.old_api] {
             assert!(path.exists(), "{} was not built", path.display());
         }
         build
@@ -92,7 +95,7 @@ impl Env {
 [[plugin]]
 name = "demo"
 path = {demo:?}
-methods = ["handle", "noop", "flaky", "sleep", "panic", "fail", "record"]
+methods = ["handle", "noop", "flaky", "sleep", "panic", "fail", "record", "whoami"]
 {demo_tables}
 
 [[plugin]]

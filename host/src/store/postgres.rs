@@ -143,6 +143,7 @@ impl PostgresStore {
         let payload = match wake {
             Wake::Dispatched => "d",
             Wake::Cancelled => "c",
+            Wake::Reload => "r",
         };
         sqlx::query("SELECT pg_notify($1, $2)").bind(&self.channel).bind(payload).execute(connection).await?;
         Ok(())

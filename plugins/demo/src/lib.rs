@@ -99,7 +99,22 @@ fn record(ctx: &JobContext, params: Record) -> Result<(), JobError> {
     }
 }
 
+/// Returns the file this library was loaded from, as the OS loader reports
+/// it: how the tests tell two builds of the plugin apart.
+fn whoami(_ctx: &JobContext, _params: serde_json::Value) -> Result<String, JobError> {
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: dladdr only reads the address, and fills `info` with pointers
+    // into the loader's own tables, which stay valid while the library is loaded.
+    let found = unsafe { libc::dladdr(whoami as *const libc::c_void, &mut info) };
+    if found == 0 || info.dli_fname.is_null() {
+        return Err(JobError::fatal("dladdr found no library for this code"));
+    }
+    // SAFETY: dli_fname is a NUL-terminated string owned by the loader.
+    let path = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) };
+    Ok(path.to_string_lossy().into_owned())
+}
+
 export_jobs! {
     name: "demo",
-    methods: [handle, noop, flaky, sleep, panic => panic_now, fail, update, record],
+    methods: [handle, noop, flaky, sleep, panic => panic_now, fail, update, record, whoami],
 }
