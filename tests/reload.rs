@@ -11,8 +11,9 @@ use common::{Daemon, Env, TEST_HOST, build, wait_until};
 
 const LONG: Duration = Duration::from_secs(30);
 
-/// An environment whose demo plugin is a copy in its own folder, which the
-/// test may replace, with `methods` whitelisted and `extra` after the entry.
+/// Creates an environment whose demo plugin is a copy in its own folder,
+/// which the test may replace, with `methods` whitelisted and `extra` after
+/// the entry.
 fn env_with_copy(methods: &[&str], extra: &str) -> (Env, PathBuf) {
     let env = Env::with_config("");
     let library = env.path("plugins/libdemo.so");
@@ -82,7 +83,7 @@ fn removed_method_fails_pending_jobs() {
 }
 
 #[test]
-fn rebuilt_library_runs_new_jobs_while_old_job_finishes() {
+fn rebuilt_library_loads_beside_old() {
     let (env, library) = env_with_copy(&["sleep", "whoami"], "");
     let daemon = env.start_daemon(&[]);
     wait_for_log(&daemon, "daemon started", 1);

@@ -11,9 +11,9 @@
 //! The daemon never loads a library from its configured path. It copies the
 //! file into the library cache under a name made of the plugin name and the
 //! file's SHA-256, and loads the copy. A rebuilt library is then a new file
-//! with a new name, which the OS loader loads beside the old one, while jobs
-//! already running keep the old code; and a library overwritten in place
-//! cannot corrupt the mapped copy. A file whose hash is already loaded is not
+//! with a new name, which the OS loader loads beside the old one, so jobs
+//! already running keep the old code. A library overwritten in place cannot
+//! corrupt the mapped copy either. A file whose hash is already loaded is not
 //! loaded again.
 //!
 //! Libraries are never unloaded: each version stays mapped until the daemon
@@ -239,7 +239,7 @@ fn load_plugin(
     })
 }
 
-/// Why a library file may not be loaded.
+/// Permission problem that keeps a library file from being loaded.
 enum Permission {
     Writable { mode: u32, who: &'static str },
     Owner { owner: u32, daemon: u32 },
@@ -258,7 +258,7 @@ fn check_permissions(path: &Path) -> Result<(), Permission> {
         };
         return Err(Permission::Writable { mode, who });
     }
-    // SAFETY: geteuid has no preconditions and cannot fail.
+    // SAFETY: geteuid has no preconditions; POSIX defines no error for it.
     let daemon = unsafe { libc::geteuid() };
     if metadata.uid() != daemon {
         return Err(Permission::Owner { owner: metadata.uid(), daemon });
@@ -314,7 +314,7 @@ impl Snapshot {
             return Ok(self.copy.clone());
         }
         std::fs::set_permissions(&self.partial, std::fs::Permissions::from_mode(0o555))?;
-        // Rename, so that no process ever sees half a file under the final name.
+        // Rename, so that no process ever opens half a file under the final name.
         std::fs::rename(&self.partial, &self.copy)?;
         Ok(self.copy.clone())
     }
@@ -326,7 +326,7 @@ impl Drop for Snapshot {
     }
 }
 
-/// Why a library file could not be opened as a plugin.
+/// Failure to open a library file as a plugin.
 enum OpenProblem {
     NotALibrary(String),
     NotAPlugin,

@@ -31,7 +31,7 @@ use crate::time::Timestamp;
 /// Quiet time after the last request before a reload starts.
 pub const DEBOUNCE: Duration = Duration::from_millis(300);
 
-/// Why a reload was asked for.
+/// Source of a reload request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
     FileChanged,
@@ -64,12 +64,12 @@ impl Live {
         live
     }
 
-    /// The plugins in use now.
+    /// Returns the plugins in use now.
     pub fn registry(&self) -> Arc<Registry> {
         self.current.read().unwrap().1.clone()
     }
 
-    /// The jobs.toml in use now.
+    /// Returns the jobs.toml in use now.
     pub fn config(&self) -> Arc<Config> {
         self.current.read().unwrap().0.clone()
     }
@@ -109,7 +109,7 @@ impl Live {
         false
     }
 
-    /// Files whose change asks for a reload: jobs.toml and every listed library.
+    /// Returns the files whose change triggers a reload: jobs.toml and every listed library.
     pub fn watched_files(&self) -> BTreeSet<PathBuf> {
         let config = self.config();
         let mut files: BTreeSet<PathBuf> = config.plugins.iter().map(|plugin| plugin.path.clone()).collect();

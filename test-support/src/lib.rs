@@ -23,7 +23,7 @@ pub struct TestSchema {
 }
 
 impl TestSchema {
-    /// A URL whose connections use this schema.
+    /// Returns a URL whose connections use this schema.
     pub fn url(&self) -> String {
         let separator = if self.server.contains('?') { '&' } else { '?' };
         format!("{}{separator}options=-c%20search_path%3D{}", self.server, self.name)

@@ -24,7 +24,7 @@ use super::*;
 use crate::config::redact_password;
 use crate::wake::{Wake, WakeSubscription};
 
-/// Longest delay stored, about a century, as for SQLite.
+/// Maximum delay stored, about a century, as for SQLite.
 const MAX_DELAY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// How long to wait for a free connection before an operation fails.
@@ -72,7 +72,7 @@ impl PostgresStore {
         MIGRATOR.run(&self.pool).await.map_err(|source| StoreError::Migrate { url: self.url.clone(), source })
     }
 
-    /// The connection pool, for callers that run their own transactions.
+    /// Returns the connection pool, for callers that run their own transactions.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
