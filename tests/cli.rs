@@ -294,3 +294,23 @@ fn commands_on_a_missing_database_say_so() {
     assert_one_error_line(&stderr, "the file does not exist; run `jobhost migrate` or dispatch a job to create it");
     assert!(!env.database().exists());
 }
+
+#[test]
+fn prune_deletes_old_finished_jobs() {
+    let env = Env::new();
+    let done = env.dispatch(&["demo", "handle", "--params", "\"done\""]);
+    env.ok(&["run", "--once"]);
+    let waiting = env.dispatch(&["demo", "handle", "--params", "\"later\"", "--delay", "1h"]);
+
+    let stderr = env.fails(&["prune", "--older-than", "-1d"]);
+    assert_one_error_line(&stderr, r#"invalid --older-than "-1d": a duration cannot be negative"#);
+    let output = env.ok(&["prune", "--older-than", "1h"]);
+    assert_eq!(output, "deleted 0 jobs that ended more than 1h ago\n");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let output = env.ok(&["prune", "--older-than", "0s"]);
+    assert_eq!(output, "deleted 1 jobs that ended more than 0s ago\n");
+
+    let stderr = env.fails(&["show", &done.to_string()]);
+    assert_one_error_line(&stderr, &format!("job {done} not found"));
+    assert_eq!(env.status(waiting), "pending");
+}

@@ -98,6 +98,12 @@ pub enum Command {
     Migrate,
     /// Ask the running daemons to read jobs.toml and the libraries again.
     Reload,
+    /// Delete jobs that ended long ago, with their history.
+    Prune {
+        /// Delete jobs that ended more than this long ago, such as 7d or 12h.
+        #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
+        older_than: String,
+    },
     /// List what the daemons running on this machine have loaded.
     Plugins {
         /// Print JSON: one object per daemon.
@@ -141,6 +147,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Check => check(&cli.config),
         Command::Migrate => migrate(&cli.config).await,
         Command::Reload => reload(&cli.config).await,
+        Command::Prune { older_than } => prune(&cli.config, &older_than).await,
         Command::Plugins { json } => plugins(&cli.config, json),
         Command::Bench(args) => crate::bench::run(args).await.map_err(Failure::from),
         Command::BenchDispatcher(args) => crate::bench::dispatcher(&cli.config, args).await.map_err(Failure::from),
@@ -381,6 +388,15 @@ fn check(config_path: &std::path::Path) -> Result<(), Failure> {
             println!("  exported, not whitelisted: {}", other.join(", "));
         }
     }
+    Ok(())
+}
+
+async fn prune(config_path: &std::path::Path, older_than: &str) -> Result<(), Failure> {
+    let config = load_config(config_path)?;
+    let age = config::parse_duration(older_than).map_err(|message| fail(format!("invalid --older-than {older_than:?}: {message}")))?;
+    let client = open_existing(config).await?;
+    let deleted = client.store().prune(age).await?;
+    println!("deleted {deleted} jobs that ended more than {} ago", humantime::format_duration(age));
     Ok(())
 }
 

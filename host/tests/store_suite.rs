@@ -70,6 +70,7 @@ macro_rules! store_suite {
                 rescue_fails_last_attempt_and_cancels_chain,
                 hand_back_requeues_without_charging_attempt,
                 owned_lists_running_jobs_of_owner,
+                prune_deletes_old_finished_jobs,
                 cancel_stops_unfinished_jobs_and_descendants,
                 cancel_leaves_finished_job_unchanged,
                 cancel_unknown_job_returns_not_found,
@@ -1146,6 +1147,42 @@ async fn owned_lists_running_jobs_of_owner(store: Arc<dyn Store>) -> CaseResult 
 
     assert_eq!(store.owned(OWNER).await?, vec![first, second], "running jobs of the owner, by id");
     assert_eq!(store.owned(OTHER_OWNER).await?, vec![foreign]);
+    Ok(())
+}
+
+async fn prune_deletes_old_finished_jobs(store: Arc<dyn Store>) -> CaseResult {
+    let store = &*store;
+    let heads = store.dispatch(&[NewChain { head: echo(), then: vec![echo()] }, single(echo()), single(echo()), single(echo())]).await?;
+    let [parent, failed, succeeded, pending] = heads[..] else { panic!("dispatching four chains returned {heads:?}") };
+
+    // The chain's parent succeeds; its child is released but stays pending.
+    let claimed = store.claim(OWNER, 3, LEASE).await?;
+    assert_eq!(ids_of(&claimed), vec![parent, failed, succeeded]);
+    let outcomes = [success("null"), failure("broken"), success("null")];
+    let results: Vec<Finished> = claimed.iter().zip(outcomes).map(|(job, outcome)| result_of(job, outcome)).collect();
+    store.finish(OWNER, &results).await?;
+    let child = store.children(parent).await?[0];
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    assert_eq!(store.prune(HOUR).await?, 0, "nothing ended an hour ago");
+    assert_eq!(store.prune(Duration::ZERO).await?, 2, "the failed and the succeeded job go");
+    for id in [failed, succeeded] {
+        assert!(store.get(id).await?.is_none(), "job {id} was pruned");
+        assert!(store.attempts(id).await?.is_empty(), "attempts of job {id}");
+        assert!(store.events(id).await?.is_empty(), "events of job {id}");
+    }
+    for id in [parent, child, pending] {
+        assert!(store.get(id).await?.is_some(), "job {id} must stay");
+    }
+
+    // Once the child has ended too, both go, the child first.
+    let claimed = store.claim(OWNER, 10, LEASE).await?;
+    let child_run = claimed.iter().find(|job| job.id == child).expect("the child is claimed");
+    store.finish(OWNER, &[result_of(child_run, success("null"))]).await?;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(store.prune(Duration::ZERO).await?, 2, "the chain goes, leaf first");
+    assert!(store.get(parent).await?.is_none());
+    assert!(store.get(child).await?.is_none());
     Ok(())
 }
 

@@ -298,6 +298,11 @@ pub trait Store: Send + Sync + 'static {
     async fn children(&self, id: JobId) -> Result<Vec<JobId>, StoreError>;
     async fn counts(&self) -> Result<Vec<(Status, u64)>, StoreError>;
 
+    /// Deletes jobs that ended (succeeded, failed or cancelled) more than
+    /// `age` ago, with their history, and returns how many were deleted. A
+    /// job stays while a job chained to it is still there.
+    async fn prune(&self, age: Duration) -> Result<u64, StoreError>;
+
     /// Cancels a job that has not ended, and its chained descendants.
     async fn cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError>;
 

@@ -622,6 +622,32 @@ impl Store for PostgresStore {
         Ok(counts)
     }
 
+    async fn prune(&self, age: Duration) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Leaves first: a job goes only once no remaining job names it as parent.
+        let mut deleted = 0;
+        loop {
+            let ids: Vec<JobId> = sqlx::query_scalar(
+                "SELECT id FROM jobs AS job
+                 WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < now() - $1 * interval '1 microsecond'
+                   AND NOT EXISTS (SELECT 1 FROM jobs AS child WHERE child.parent_id = job.id)
+                 LIMIT 10000
+                 FOR UPDATE SKIP LOCKED",
+            )
+            .bind(micros(age))
+            .fetch_all(&mut *tx)
+            .await?;
+            if ids.is_empty() {
+                break;
+            }
+            sqlx::query("DELETE FROM job_events WHERE job_id = ANY($1)").bind(&ids).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM job_attempts WHERE job_id = ANY($1)").bind(&ids).execute(&mut *tx).await?;
+            deleted += sqlx::query("DELETE FROM jobs WHERE id = ANY($1)").bind(&ids).execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
     async fn cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
         let status: Option<String> =

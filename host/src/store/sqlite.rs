@@ -734,6 +734,37 @@ impl Store for SqliteStore {
         Ok(counts)
     }
 
+    async fn prune(&self, age: Duration) -> Result<u64, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let cutoff = Timestamp::now().0.saturating_sub(micros(age));
+        // Leaves first: a job goes only once no remaining job names it as parent.
+        let mut deleted = 0;
+        loop {
+            let ids: Vec<JobId> = sqlx::query_scalar(
+                "SELECT id FROM jobs AS job
+                 WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?1
+                   AND NOT EXISTS (SELECT 1 FROM jobs AS child WHERE child.parent_id = job.id)
+                 LIMIT 10000",
+            )
+            .bind(cutoff)
+            .fetch_all(&mut *tx)
+            .await?;
+            if ids.is_empty() {
+                break;
+            }
+            let ids = to_json(&ids);
+            for table in ["job_events", "job_attempts"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE job_id IN (SELECT value FROM json_each(?1))"))
+                    .bind(&ids)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            deleted += sqlx::query("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?1))").bind(&ids).execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
     async fn cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError> {
         let mut tx = self.begin_write().await?;
         let now = Timestamp::now();
