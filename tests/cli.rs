@@ -35,7 +35,7 @@ fn bad_dispatch_input_writes_nothing() {
         (&["dispatch", "demo", "handle", "--delay", "soon"], r#"invalid --delay "soon""#),
         (&["dispatch", "demo", "handle", "--then", "demo"], r#"invalid --then "demo""#),
         (&["dispatch", "demo", "handle", "--then", "demo:update"], r#"method "update" is not in the whitelist"#),
-        (&["dispatch", "demo", "handle", "--then", "demo:handle:{oops"], "invalid params for demo.handle"),
+        (&["dispatch", "demo", "handle", "--then", "demo:handle:{oops"], r#"invalid --then "demo:handle:{oops": the params after PLUGIN:METHOD: are not JSON"#),
     ];
     for (args, expected) in cases {
         let stderr = env.fails(args);
@@ -291,7 +291,10 @@ fn migrate_creates_the_database() {
 fn commands_on_a_missing_database_say_so() {
     let env = Env::new();
     let stderr = env.fails(&["list"]);
-    assert_one_error_line(&stderr, "the file does not exist; run `jobhost migrate` or dispatch a job to create it");
+    assert_one_error_line(
+        &stderr,
+        &format!("database file {} does not exist; run `jobhost migrate` or dispatch a job to create it", env.database().display()),
+    );
     assert!(!env.database().exists());
 }
 
@@ -313,4 +316,25 @@ fn prune_deletes_old_finished_jobs() {
     let stderr = env.fails(&["show", &done.to_string()]);
     assert_one_error_line(&stderr, &format!("job {done} not found"));
     assert_eq!(env.status(waiting), "pending");
+}
+
+#[test]
+fn list_into_closed_pipe_exits_quietly() {
+    let env = Env::new();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = jobhost::client::Client::open(&env.config).await.unwrap();
+        let jobs = vec![jobhost::client::Job::new("demo", "handle").params("x"); 3000];
+        client.dispatch_many(&jobs).await.unwrap();
+    });
+    let jobhost = build().jobhost.display().to_string();
+    let config = env.config.display().to_string();
+    let output = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("'{jobhost}' --config '{config}' list --json --limit 100000 | head -c 10 > /dev/null"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.is_empty(), "nothing on stderr when the reader goes away: {stderr}");
 }

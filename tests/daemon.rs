@@ -83,6 +83,7 @@ fn flaky_job_succeeds_after_retries() {
     let job = env.wait_for_status(id, "succeeded", LONG);
     assert_eq!(job["attempts"], 3);
     assert_eq!(job["output"], "succeeded on attempt 3");
+    assert_eq!(job["last_error"], serde_json::Value::Null, "a success clears the last error; the history keeps it");
     let history = job["attempt_history"].as_array().unwrap();
     assert_eq!(history[0]["error"], "flaky failure on attempt 1");
     assert_eq!(history[2]["error"], serde_json::Value::Null);

@@ -133,6 +133,15 @@ fn fail(message: impl Into<String>) -> Failure {
 
 /// Runs the command and returns the process's exit status.
 pub async fn main(cli: Cli) -> ExitCode {
+    if !matches!(cli.command, Command::Run { .. } | Command::Bench(_)) {
+        // Commands that print, such as `list | head`, end quietly when the
+        // reader goes away, as Unix tools do. The daemon keeps Rust's default
+        // of ignoring SIGPIPE, so a closed socket is an error, not a signal.
+        // SAFETY: no other thread exists yet that could race on the handler.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Run { once } => run(&cli.config, once).await,
         Command::Dispatch { plugin, method, params, delay, priority, then } => {
@@ -232,7 +241,14 @@ fn parse_then(text: &str) -> Result<Job, Failure> {
     }
     let job = Job::new(plugin, method);
     Ok(match parts.next() {
-        Some(json) => job.params_json(json),
+        Some(json) => {
+            if let Err(error) = serde_json::from_str::<serde_json::Value>(json) {
+                return Err(fail(format!(
+                    "invalid --then {text:?}: the params after PLUGIN:METHOD: are not JSON ({error}); quote text as JSON, such as demo:handle:'\"hi\"'"
+                )));
+            }
+            job.params_json(json)
+        }
         None => job,
     })
 }
@@ -357,7 +373,8 @@ async fn retry(config_path: &std::path::Path, id: JobId) -> Result<(), Failure> 
             Ok(())
         }
         RetryOutcome::NotRetryable(status) => {
-            Err(fail(format!("job {id} is {status}; only failed and cancelled jobs can be retried")))
+            let state = if status.is_final() { format!("has {}", past_tense(status)) } else { format!("is {status}") };
+            Err(fail(format!("job {id} {state}; only failed and cancelled jobs can be retried")))
         }
         RetryOutcome::NotFound => Err(fail(format!("job {id} not found; `jobhost list` shows the jobs there are"))),
     }
@@ -376,6 +393,9 @@ fn check(config_path: &std::path::Path) -> Result<(), Failure> {
     }
     let config = load_config(config_path)?;
     let registry = load_registry(&config)?;
+    if config.plugins.is_empty() {
+        eprintln!("warning: {} lists no [[plugin]], so no job can run", config.path.display());
+    }
     println!("{}: valid", config.path.display());
     println!("database: {}", config.host.database);
     for plugin in registry.plugins() {

@@ -214,11 +214,15 @@ impl Config {
         let source = Source { path, text };
         let raw: RawConfig = toml::from_str(text).map_err(|error| {
             let line = error.span().map(|span| source.line(&span));
-            ConfigError::Invalid(vec![Problem {
-                path: path.to_owned(),
-                line,
-                message: error.message().trim().replace('\n', " "),
-            }])
+            let mut message = error.message().trim().replace('\n', " ");
+            // The message of a type error names no key, so quote the line.
+            if let Some(quoted) = line.and_then(|line| text.lines().nth(line - 1)).map(str::trim)
+                && !quoted.is_empty()
+                && !quoted.starts_with('[')
+            {
+                message = format!("{message}, in `{quoted}`");
+            }
+            ConfigError::Invalid(vec![Problem { path: path.to_owned(), line, message }])
         })?;
         let mut problems = Vec::new();
         let config = validate(&source, raw, &mut problems);
@@ -564,7 +568,7 @@ fn duration_setting(
     let value = value?;
     match parse_duration(value.get_ref()) {
         Ok(duration) if duration.is_zero() && !allow_zero => {
-            problems.push(source.problem(&value.span(), format!("{key} = {:?} must be longer than zero", value.get_ref())));
+            problems.push(source.problem(&value.span(), format!("{key} = {:?} must be longer than zero; use a value such as \"30s\"", value.get_ref())));
             None
         }
         Ok(duration) => Some(duration),
@@ -579,10 +583,10 @@ fn duration_setting(
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
     if trimmed.starts_with('-') {
-        return Err("a duration cannot be negative; use a value such as \"0s\" or \"30s\"".to_owned());
+        return Err("a duration cannot be negative; use a value such as \"30s\"".to_owned());
     }
     humantime::parse_duration(trimmed)
-        .map_err(|error| format!("not a duration ({error}); use a number with a unit, such as \"500ms\", \"30s\", \"5m\" or \"1h\""))
+        .map_err(|_| "not a duration; use a number with a unit, such as \"500ms\", \"30s\", \"5m\", \"1h\" or \"7d\"".to_owned())
 }
 
 fn method_settings(
@@ -708,6 +712,7 @@ max_attempts = 0
         let found = problems("[host]\nconcurrency = \"many\"\n");
         assert_eq!(found.len(), 1);
         assert!(found[0].starts_with("/srv/jobs.toml:2:"), "{}", found[0]);
+        assert!(found[0].ends_with("in `concurrency = \"many\"`"), "the line is quoted: {}", found[0]);
         assert!(!found[0].contains('\n'));
     }
 

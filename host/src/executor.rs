@@ -77,8 +77,9 @@ impl RunState {
         }
     }
 
-    pub fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Relaxed);
+    /// Tells the run to stop. Returns false if it had been told already.
+    pub fn cancel(&self) -> bool {
+        !self.cancelled.swap(true, Ordering::Relaxed)
     }
 }
 
@@ -281,10 +282,10 @@ extern "C" fn log_line(host_data: *const c_void, level: LogLevel, message: RStr<
     let message = message.as_str();
     let (job_id, plugin, method, attempt) = (state.job_id, state.plugin.as_str(), state.method.as_str(), state.attempt);
     match level {
-        LogLevel::Debug => tracing::debug!(target: "jobhost::plugin", job_id, plugin, method, attempt, "{message}"),
-        LogLevel::Info => tracing::info!(target: "jobhost::plugin", job_id, plugin, method, attempt, "{message}"),
-        LogLevel::Warn => tracing::warn!(target: "jobhost::plugin", job_id, plugin, method, attempt, "{message}"),
-        LogLevel::Error => tracing::error!(target: "jobhost::plugin", job_id, plugin, method, attempt, "{message}"),
+        LogLevel::Debug => tracing::debug!(target: "jobhost::plugin", job_id, plugin = %plugin, method = %method, attempt, "{message}"),
+        LogLevel::Info => tracing::info!(target: "jobhost::plugin", job_id, plugin = %plugin, method = %method, attempt, "{message}"),
+        LogLevel::Warn => tracing::warn!(target: "jobhost::plugin", job_id, plugin = %plugin, method = %method, attempt, "{message}"),
+        LogLevel::Error => tracing::error!(target: "jobhost::plugin", job_id, plugin = %plugin, method = %method, attempt, "{message}"),
     }
 }
 

@@ -37,8 +37,10 @@ pub enum Stderr {
 /// `jobs.log` and `jobs-errors.log` there. If the folder cannot be created,
 /// it prints a warning and logs to stderr only.
 pub fn init(stderr: Stderr, log_dir: Option<&Path>) -> LogGuard {
+    // PostgreSQL notices such as "relation already exists, skipping" are
+    // routine during migrations, so they show only from `warn` up.
     let default = match stderr {
-        Stderr::Info => "info",
+        Stderr::Info => "info,sqlx::postgres::notice=warn",
         Stderr::Quiet | Stderr::Off => "warn",
     };
     let stderr_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));

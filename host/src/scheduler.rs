@@ -475,23 +475,24 @@ fn log_result(completion: &Completion, written: Option<Status>, summary: &mut Su
     let Finished { id: job_id, attempt, duration, outcome } = &completion.finished;
     let (job_id, attempt) = (*job_id, *attempt);
     let (plugin, method) = (completion.plugin.as_str(), completion.method.as_str());
-    let duration_ms = duration.as_secs_f64() * 1000.0;
+    let duration_ms = format!("{:.3}", duration.as_secs_f64() * 1000.0);
+    let duration_ms = duration_ms.as_str();
     match (written, outcome) {
         (None, _) => {
             summary.discarded += 1;
-            warn!(target: "jobhost::job", job_id, plugin, method, attempt, "result discarded: the job was cancelled or rescued while it ran");
+            warn!(target: "jobhost::job", job_id, plugin = %plugin, method = %method, attempt, "result discarded: the job was cancelled or rescued while it ran");
         }
         (Some(_), FinishedOutcome::Succeeded { .. }) => {
             summary.succeeded += 1;
-            info!(target: "jobhost::job", job_id, plugin, method, attempt, duration_ms, "job succeeded");
+            info!(target: "jobhost::job", job_id, plugin = %plugin, method = %method, attempt, duration_ms = %duration_ms, "job succeeded");
         }
         (Some(_), FinishedOutcome::Retry { error, delay }) => {
             summary.retried += 1;
-            warn!(target: "jobhost::job", job_id, plugin, method, attempt, duration_ms, retry_in_ms = delay.as_millis() as u64, %error, "job failed; will retry");
+            warn!(target: "jobhost::job", job_id, plugin = %plugin, method = %method, attempt, duration_ms = %duration_ms, retry_in_ms = delay.as_millis() as u64, %error, "job failed; will retry");
         }
         (Some(_), FinishedOutcome::Failed { error }) => {
             summary.failed += 1;
-            error!(target: "jobhost::job", job_id, plugin, method, attempt, duration_ms, %error, "job failed");
+            error!(target: "jobhost::job", job_id, plugin = %plugin, method = %method, attempt, duration_ms = %duration_ms, %error, "job failed");
         }
     }
 }
@@ -523,8 +524,9 @@ async fn renew(shared: &Shared) {
         Ok(lost) => {
             let in_flight = shared.in_flight.lock().unwrap();
             for id in lost {
-                if let Some(state) = in_flight.get(&id) {
-                    state.cancel();
+                if let Some(state) = in_flight.get(&id)
+                    && state.cancel()
+                {
                     warn!(target: "jobhost::job", job_id = id, plugin = %state.plugin, method = %state.method, "job no longer owned (cancelled, or rescued by another daemon); the run was asked to stop");
                 }
             }

@@ -869,7 +869,10 @@ async fn finish_discards_result_after_cancel(store: Arc<dyn Store>) -> CaseResul
     assert_eq!(record(store, id).await?, before, "a result after cancel changed the job");
     assert_eq!(before.status, Status::Cancelled);
     assert_eq!(before.output, None);
-    assert!(store.attempts(id).await?.is_empty(), "a result after cancel wrote an attempt");
+    let attempts = store.attempts(id).await?;
+    assert_eq!(attempts.len(), 1, "the cancelled run is recorded once: {attempts:?}");
+    assert_eq!(attempts[0].error.as_deref(), Some("cancelled while running: cancelled by the test"), "the late result did not overwrite it");
+    assert_eq!(attempts[0].owner.as_deref(), Some(OWNER));
     assert_eq!(event_statuses(store, id).await?, vec![Status::Pending, Status::Running, Status::Cancelled]);
     Ok(())
 }

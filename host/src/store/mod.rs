@@ -242,6 +242,8 @@ pub enum RetryOutcome {
 pub enum StoreError {
     #[error("cannot open the database {url}: {source}")]
     Open { url: String, source: sqlx::Error },
+    #[error("database file {} does not exist; run `jobhost migrate` or dispatch a job to create it", path.display())]
+    Missing { path: std::path::PathBuf },
     #[error("database migration failed on {url}: {source}; the database may be newer than this jobhost")]
     Migrate { url: String, source: sqlx::migrate::MigrateError },
     #[error("database query failed: {0}")]

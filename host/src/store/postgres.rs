@@ -341,7 +341,7 @@ impl Store for PostgresStore {
                  UPDATE jobs SET
                      status = CASE r.kind WHEN 'retry' THEN 'pending' ELSE r.kind END,
                      output = CASE r.kind WHEN 'succeeded' THEN r.output ELSE jobs.output END,
-                     last_error = CASE r.kind WHEN 'succeeded' THEN jobs.last_error ELSE r.error END,
+                     last_error = CASE r.kind WHEN 'succeeded' THEN NULL ELSE r.error END,
                      run_at = CASE r.kind WHEN 'retry' THEN now() + r.delay_us * interval '1 microsecond' ELSE jobs.run_at END,
                      finished_at = CASE r.kind WHEN 'retry' THEN NULL ELSE now() END,
                      progress = CASE r.kind WHEN 'succeeded' THEN 1.0 ELSE jobs.progress END,
@@ -660,6 +660,18 @@ impl Store for PostgresStore {
             return Ok(CancelOutcome::AlreadyFinal(previous));
         }
 
+        if previous == Status::Running {
+            // The interrupted run is an attempt too; its result, if it comes, is discarded.
+            sqlx::query(
+                "INSERT INTO job_attempts (job_id, attempt, started_at, finished_at, duration_us, error, owner)
+                 SELECT id, attempts, COALESCE(started_at, now()), now(), NULL, $2, lease_owner FROM jobs WHERE id = $1
+                 ON CONFLICT (job_id, attempt) DO NOTHING",
+            )
+            .bind(id)
+            .bind(format!("cancelled while running: {reason}"))
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query(
             "UPDATE jobs SET status = 'cancelled', last_error = $2, finished_at = now(), updated_at = now(),
                     lease_owner = NULL, lease_expires_at = NULL
@@ -691,7 +703,7 @@ impl Store for PostgresStore {
         }
 
         sqlx::query(
-            "UPDATE jobs SET status = 'pending', run_at = now(), updated_at = now(), finished_at = NULL,
+            "UPDATE jobs SET status = 'pending', run_at = now(), updated_at = now(), finished_at = NULL, last_error = NULL,
                     max_attempts = attempts + $2
              WHERE id = $1",
         )
@@ -709,7 +721,7 @@ impl Store for PostgresStore {
                  UNION ALL
                  SELECT jobs.id FROM jobs JOIN descendants ON jobs.parent_id = descendants.id
              ), waiting AS (
-                 UPDATE jobs SET status = 'waiting', finished_at = NULL, updated_at = now()
+                 UPDATE jobs SET status = 'waiting', finished_at = NULL, last_error = NULL, updated_at = now()
                  WHERE id IN (SELECT id FROM descendants) AND status = 'cancelled'
                  RETURNING id
              ), events AS (

@@ -84,12 +84,7 @@ impl SqliteStore {
     pub async fn open(path: &Path, synchronous: Synchronous, create: bool) -> Result<Self, StoreError> {
         let url = format!("sqlite://{}", path.display());
         if !create && !path.exists() {
-            return Err(StoreError::Open {
-                url,
-                source: sqlx::Error::Configuration(
-                    "the file does not exist; run `jobhost migrate` or dispatch a job to create it".into(),
-                ),
-            });
+            return Err(StoreError::Missing { path: path.to_owned() });
         }
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -405,7 +400,7 @@ impl Store for SqliteStore {
             "UPDATE jobs SET
                  status = CASE r.kind WHEN 'retry' THEN 'pending' ELSE r.kind END,
                  output = CASE r.kind WHEN 'succeeded' THEN r.output ELSE jobs.output END,
-                 last_error = CASE r.kind WHEN 'succeeded' THEN jobs.last_error ELSE r.error END,
+                 last_error = CASE r.kind WHEN 'succeeded' THEN NULL ELSE r.error END,
                  run_at = CASE r.kind WHEN 'retry' THEN ?3 + r.delay_us ELSE jobs.run_at END,
                  finished_at = CASE r.kind WHEN 'retry' THEN NULL ELSE ?3 END,
                  progress = CASE r.kind WHEN 'succeeded' THEN 1.0 ELSE jobs.progress END,
@@ -777,6 +772,18 @@ impl Store for SqliteStore {
             return Ok(CancelOutcome::AlreadyFinal(previous));
         }
 
+        if previous == Status::Running {
+            // The interrupted run is an attempt too; its result, if it comes, is discarded.
+            sqlx::query(
+                "INSERT OR IGNORE INTO job_attempts (job_id, attempt, started_at, finished_at, duration_us, error, owner)
+                 SELECT id, attempts, COALESCE(started_at, ?2), ?2, NULL, ?3, lease_owner FROM jobs WHERE id = ?1",
+            )
+            .bind(id)
+            .bind(now.0)
+            .bind(format!("cancelled while running: {reason}"))
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query(
             "UPDATE jobs SET status = 'cancelled', last_error = ?2, finished_at = ?3, updated_at = ?3,
                     lease_owner = NULL, lease_expires_at = NULL
@@ -806,7 +813,7 @@ impl Store for SqliteStore {
         }
 
         sqlx::query(
-            "UPDATE jobs SET status = 'pending', run_at = ?2, updated_at = ?2, finished_at = NULL,
+            "UPDATE jobs SET status = 'pending', run_at = ?2, updated_at = ?2, finished_at = NULL, last_error = NULL,
                     max_attempts = attempts + ?3
              WHERE id = ?1",
         )
@@ -824,7 +831,7 @@ impl Store for SqliteStore {
                  UNION ALL
                  SELECT jobs.id FROM jobs JOIN descendants ON jobs.parent_id = descendants.id
              )
-             UPDATE jobs SET status = 'waiting', finished_at = NULL, updated_at = ?2
+             UPDATE jobs SET status = 'waiting', finished_at = NULL, last_error = NULL, updated_at = ?2
              WHERE id IN (SELECT id FROM descendants) AND status = 'cancelled'
              RETURNING id",
         )
