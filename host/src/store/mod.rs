@@ -237,6 +237,23 @@ pub enum RetryOutcome {
     NotFound,
 }
 
+/// Parses a stored status, naming the job when the value is not one.
+fn status_of(id: JobId, text: &str) -> Result<Status, StoreError> {
+    Status::from_str(text).map_err(|_| StoreError::Corrupt { id, column: "status", value: text.to_owned() })
+}
+
+/// Turns `(status, count)` rows into a count for every status, zero for the missing ones.
+fn counts_of(rows: Vec<(String, i64)>) -> Result<Vec<(Status, u64)>, StoreError> {
+    let mut counts: Vec<(Status, u64)> = Status::ALL.iter().map(|&status| (status, 0)).collect();
+    for (status, count) in rows {
+        let status = status_of(0, &status)?;
+        if let Some(entry) = counts.iter_mut().find(|(known, _)| *known == status) {
+            entry.1 = u64::try_from(count).unwrap_or(0);
+        }
+    }
+    Ok(counts)
+}
+
 /// Errors from store operations.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -187,10 +187,6 @@ fn optional_timestamp(row: &PgRow, column: &str) -> Result<Option<Timestamp>, St
     Ok(row.try_get::<Option<OffsetDateTime>, _>(column)?.map(timestamp))
 }
 
-fn status_of(id: JobId, text: &str) -> Result<Status, StoreError> {
-    Status::from_str(text).map_err(|_| StoreError::Corrupt { id, column: "status", value: text.to_owned() })
-}
-
 fn job_from_row(row: &PgRow) -> Result<JobRecord, StoreError> {
     let id: JobId = row.try_get("id")?;
     let status: String = row.try_get("status")?;
@@ -612,14 +608,7 @@ impl Store for PostgresStore {
 
     async fn counts(&self) -> Result<Vec<(Status, u64)>, StoreError> {
         let rows: Vec<(String, i64)> = sqlx::query_as("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetch_all(&self.pool).await?;
-        let mut counts: Vec<(Status, u64)> = Status::ALL.iter().map(|&status| (status, 0)).collect();
-        for (status, count) in rows {
-            let status = status_of(0, &status)?;
-            if let Some(entry) = counts.iter_mut().find(|(known, _)| *known == status) {
-                entry.1 = count as u64;
-            }
-        }
-        Ok(counts)
+        counts_of(rows)
     }
 
     async fn prune(&self, age: Duration) -> Result<u64, StoreError> {
