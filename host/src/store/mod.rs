@@ -281,7 +281,11 @@ pub trait Store: Send + Sync + 'static {
     async fn attempts(&self, id: JobId) -> Result<Vec<AttemptRecord>, StoreError>;
     async fn events(&self, id: JobId) -> Result<Vec<EventRecord>, StoreError>;
     async fn children(&self, id: JobId) -> Result<Vec<JobId>, StoreError>;
+    /// Returns the number of jobs in each status, every status included.
     async fn counts(&self) -> Result<Vec<(Status, u64)>, StoreError>;
+
+    /// Checks that the database answers a trivial query, for health checks.
+    async fn ping(&self) -> Result<(), StoreError>;
 
     /// Cancels a job that has not ended, and its chained descendants.
     async fn cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError>;

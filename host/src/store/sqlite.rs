@@ -713,16 +713,26 @@ impl Store for SqliteStore {
     }
 
     async fn counts(&self) -> Result<Vec<(Status, u64)>, StoreError> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetch_all(&self.pool).await?;
-        let mut counts: Vec<(Status, u64)> = Status::ALL.iter().map(|&status| (status, 0)).collect();
-        for (status, count) in rows {
-            let status = status_of(0, &status)?;
-            if let Some(entry) = counts.iter_mut().find(|(known, _)| *known == status) {
-                entry.1 = count as u64;
-            }
+        // One range count per status on the (status, id) index. A single
+        // GROUP BY scans the whole index instead, about twice as slow on a
+        // table of millions of rows. The read transaction makes the six
+        // counts one snapshot.
+        let mut counts = Vec::with_capacity(Status::ALL.len());
+        let mut read = self.pool.begin().await?;
+        for status in Status::ALL {
+            let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs INDEXED BY jobs_status WHERE status = ?1")
+                .bind(status.as_str())
+                .fetch_one(&mut *read)
+                .await?;
+            counts.push((status, count as u64));
         }
+        read.rollback().await?;
         Ok(counts)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
     }
 
     async fn cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError> {
