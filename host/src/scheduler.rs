@@ -39,6 +39,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::executor::{Run, RunSink, RunState, WorkerPool};
+use crate::metrics::{Metrics, RunOutcome};
 use crate::registry::Registry;
 use crate::store::{ClaimedJob, Finished, FinishedOutcome, JobId, Status, Store};
 use crate::time::Timestamp;
@@ -96,6 +97,7 @@ struct Shared {
     /// The claim loop wants waking when fewer jobs than this are in flight.
     refill_below: usize,
     summary: Mutex<Summary>,
+    metrics: Arc<Metrics>,
 }
 
 /// A finished run on its way to the completion writer.
@@ -103,6 +105,8 @@ struct Completion {
     finished: Finished,
     plugin: String,
     method: String,
+    /// From when the job became due to the start of the run.
+    start_delay: Duration,
 }
 
 impl Daemon {
@@ -122,8 +126,14 @@ impl Daemon {
             results: results_sender,
             refill_below: refill_below(concurrency, prefetch),
             summary: Mutex::new(Summary::default()),
+            metrics: Arc::new(Metrics::new()),
         });
         Self { shared, results }
+    }
+
+    /// Returns the metrics this daemon records as it writes results.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
     }
 
     /// Returns the lease owner this daemon writes into the jobs it claims.
@@ -333,6 +343,7 @@ fn complete(shared: &Shared, job: &ClaimedJob, outcome: FinishedOutcome, duratio
         finished: Finished { id: job.id, attempt: job.attempt, duration, outcome },
         plugin: job.plugin.clone(),
         method: job.method.clone(),
+        start_delay: job.started_at.since(job.run_at),
     };
     if shared.results.send(completion).is_err() {
         // Only after the writer has stopped, which happens after every run.
@@ -403,6 +414,7 @@ async fn write_batch(shared: &Shared, batch: &[Completion], stop: &CancellationT
     let mut summary = Summary::default();
     for completion in batch {
         log_result(completion, statuses.get(&completion.finished.id).copied(), &mut summary);
+        record_metrics(&shared.metrics, completion, statuses.contains_key(&completion.finished.id));
     }
     for id in &report.cancelled {
         warn!(target: "jobhost::job", job_id = id, "chained job cancelled because its parent failed");
@@ -413,6 +425,18 @@ async fn write_batch(shared: &Shared, batch: &[Completion], stop: &CancellationT
     total.retried += summary.retried;
     total.discarded += summary.discarded;
     !report.released.is_empty() || summary.retried > 0
+}
+
+fn record_metrics(metrics: &Metrics, completion: &Completion, written: bool) {
+    if !written {
+        return;
+    }
+    let outcome = match completion.finished.outcome {
+        FinishedOutcome::Succeeded { .. } => RunOutcome::Succeeded,
+        FinishedOutcome::Retry { .. } => RunOutcome::Retried,
+        FinishedOutcome::Failed { .. } => RunOutcome::Failed,
+    };
+    metrics.record_run(&completion.plugin, &completion.method, outcome, completion.finished.duration, completion.start_delay);
 }
 
 fn log_result(completion: &Completion, written: Option<Status>, summary: &mut Summary) {

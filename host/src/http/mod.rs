@@ -1,0 +1,54 @@
+//! The HTTP server that `jobhost run` starts next to the daemon: the
+//! dashboard, job detail, plugins page, test panel, JSON API, Prometheus
+//! metrics and health check.
+//!
+//! It reads jobs through the same [`Store`](crate::store::Store) as the CLI,
+//! dispatches through [`Client`], and shows the plugins of the daemon's
+//! [`Registry`]. It never drives the daemon: a dispatch or retry wakes the
+//! daemons through the client, as `jobhost dispatch` does.
+//!
+//! - [`server`]: binding, the router and shutdown.
+//! - [`security`]: token, cross-site and Host checks, response headers.
+//! - [`actions`]: what pages and API share: list filters, cancel, retry, counts.
+//! - [`api`]: the JSON API under `/api/jobs`.
+//! - [`pages`]: the HTML pages.
+//! - [`metrics`]: `/metrics` and `/healthz`.
+
+mod actions;
+mod api;
+mod metrics;
+mod pages;
+mod security;
+mod server;
+
+use std::sync::Arc;
+
+pub use server::{HttpError, Server};
+
+use crate::client::Client;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+
+/// What every handler reads.
+pub struct AppState {
+    config: Arc<Config>,
+    registry: Arc<Registry>,
+    client: Client,
+    metrics: Arc<Metrics>,
+    csrf: security::CsrfToken,
+    counts: actions::CountsCache,
+}
+
+impl AppState {
+    pub fn new(config: Arc<Config>, registry: Arc<Registry>, client: Client, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            registry,
+            client,
+            metrics,
+            csrf: security::CsrfToken::generate(),
+            counts: actions::CountsCache::default(),
+        })
+    }
+}
