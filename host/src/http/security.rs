@@ -5,7 +5,7 @@
 //!
 //! 1. Response headers: a Content Security Policy that allows scripts and
 //!    styles from this server only, no framing, no MIME sniffing and no
-//!    referrer. Job values are escaped by the templates; the policy is a
+//!    referrer to other sites. Job values are escaped by the templates; the policy is a
 //!    second line of defence should one ever slip through.
 //! 2. Host check, when no token is set: the `Host` header must name a
 //!    loopback address or `localhost`. Without it, a web page on another
@@ -95,7 +95,9 @@ pub async fn response_headers(request: Request, next: Next) -> Response {
     );
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    // Not `no-referrer`: under it, browsers send `Origin: null` with the
+    // pages' own form posts, which the cross-site check would reject.
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     response
 }
 
@@ -182,13 +184,15 @@ pub async fn check_origin(request: Request<Body>, next: Next) -> Response {
         return next.run(request).await;
     }
     let headers = request.headers();
-    let fetch_site = headers.get("sec-fetch-site").and_then(|value| value.to_str().ok());
-    if let Some(site) = fetch_site
-        && site != "same-origin"
-        && site != "none"
-    {
-        let message = format!("cross-site request rejected: the browser reports it came from a {site} page; use the forms on this server's own pages");
-        return rejection(request.uri().path(), StatusCode::FORBIDDEN, &message);
+    // `Sec-Fetch-Site` is set by the browser and cannot be forged by a page,
+    // so when present it decides. `Origin` is the check for older browsers.
+    match headers.get("sec-fetch-site").and_then(|value| value.to_str().ok()) {
+        Some("same-origin" | "none") => return next.run(request).await,
+        Some(site) => {
+            let message = format!("cross-site request rejected: the browser reports it came from a {site} page; use the forms on this server's own pages");
+            return rejection(request.uri().path(), StatusCode::FORBIDDEN, &message);
+        }
+        None => {}
     }
     let origin = headers.get(header::ORIGIN).and_then(|value| value.to_str().ok());
     let host = headers.get(header::HOST).and_then(|value| value.to_str().ok()).unwrap_or("");
