@@ -226,6 +226,39 @@ fn job_from_row(row: &SqliteRow) -> Result<JobRecord, StoreError> {
     })
 }
 
+/// Builds the query of [`Store::list`], after `prefix` (such as `EXPLAIN QUERY PLAN `).
+///
+/// Every filter reads an index in id order, so a page stops after `limit`
+/// matching rows without sorting: `jobs_status (status, id)`,
+/// `jobs_plugin_method (plugin, method, id)`, or the rowid, checking the
+/// other conditions on each row. NOTE: so a rare plugin or method alone, or
+/// inside a common status, reads many rows before the page fills.
+fn list_query<'a>(prefix: &str, filter: &'a ListFilter) -> QueryBuilder<'a, Sqlite> {
+    let mut query = QueryBuilder::<Sqlite>::new(format!("{prefix}SELECT {JOB_COLUMNS} FROM jobs WHERE 1 = 1"));
+    if let Some(status) = filter.status {
+        query.push(" AND status = ").push_bind(status.as_str());
+    }
+    match (&filter.plugin, &filter.method) {
+        (Some(plugin), Some(method)) => {
+            query.push(" AND plugin = ").push_bind(plugin).push(" AND method = ").push_bind(method);
+        }
+        // The (plugin, method, id) index would give this plugin's rows in
+        // method order, to be sorted in full; the rowid walk stops after a page.
+        (Some(plugin), None) => {
+            query.push(" AND +plugin = ").push_bind(plugin);
+        }
+        (None, Some(method)) => {
+            query.push(" AND method = ").push_bind(method);
+        }
+        (None, None) => {}
+    }
+    if let Some(before_id) = filter.before_id {
+        query.push(" AND id < ").push_bind(before_id);
+    }
+    query.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(filter.limit));
+    query
+}
+
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn dispatch(&self, chains: &[NewChain]) -> Result<Vec<JobId>, StoreError> {
@@ -653,21 +686,7 @@ impl Store for SqliteStore {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>, StoreError> {
-        let mut query = QueryBuilder::<Sqlite>::new(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1 = 1"));
-        if let Some(status) = filter.status {
-            query.push(" AND status = ").push_bind(status.as_str());
-        }
-        if let Some(plugin) = &filter.plugin {
-            query.push(" AND plugin = ").push_bind(plugin);
-        }
-        if let Some(method) = &filter.method {
-            query.push(" AND method = ").push_bind(method);
-        }
-        if let Some(before_id) = filter.before_id {
-            query.push(" AND id < ").push_bind(before_id);
-        }
-        query.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(filter.limit));
-        let rows = query.build().fetch_all(&self.pool).await?;
+        let rows = list_query("", filter).build().fetch_all(&self.pool).await?;
         rows.iter().map(job_from_row).collect()
     }
 
@@ -713,20 +732,27 @@ impl Store for SqliteStore {
     }
 
     async fn counts(&self) -> Result<Vec<(Status, u64)>, StoreError> {
-        // One range count per status on the (status, id) index. A single
-        // GROUP BY scans the whole index instead, about twice as slow on a
-        // table of millions of rows. The read transaction makes the six
-        // counts one snapshot.
-        let mut counts = Vec::with_capacity(Status::ALL.len());
+        // Succeeded jobs pile up until they are pruned, so they are counted
+        // as the total minus the other statuses. A bare COUNT(*) takes
+        // SQLite's fast path, which counts cells page by page, about five
+        // times faster than a range count of the same rows; the other
+        // statuses are range counts on the (status, id) index. The read
+        // transaction makes all of it one snapshot.
         let mut read = self.pool.begin().await?;
-        for status in Status::ALL {
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs").fetch_one(&mut *read).await?;
+        let mut counts = Vec::with_capacity(Status::ALL.len());
+        let mut others = 0;
+        for status in Status::ALL.into_iter().filter(|status| *status != Status::Succeeded) {
             let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs INDEXED BY jobs_status WHERE status = ?1")
                 .bind(status.as_str())
                 .fetch_one(&mut *read)
                 .await?;
+            others += count;
             counts.push((status, count as u64));
         }
         read.rollback().await?;
+        let succeeded = (total - others).max(0) as u64;
+        counts.insert(Status::ALL.iter().position(|status| *status == Status::Succeeded).unwrap_or(0), (Status::Succeeded, succeeded));
         Ok(counts)
     }
 
@@ -807,5 +833,46 @@ impl Store for SqliteStore {
         insert_events(&mut tx, now, &events).await?;
         tx.commit().await?;
         Ok(RetryOutcome::Requeued { previous, descendants })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every list filter the dashboard offers must read an index in id order:
+    /// a full scan with a sort would make each page cost the whole table.
+    #[tokio::test]
+    async fn list_queries_use_an_index_without_sorting() {
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let store = SqliteStore::open(&folder.path().join("jobs.db"), Synchronous::Normal, true).await.expect("open");
+        store.migrate().await.expect("migrate");
+        let text = |value: &str| Some(value.to_owned());
+        let filters = [
+            ListFilter { limit: 50, ..ListFilter::default() },
+            ListFilter { before_id: Some(500), limit: 50, ..ListFilter::default() },
+            ListFilter { status: Some(Status::Failed), limit: 50, ..ListFilter::default() },
+            ListFilter { status: Some(Status::Failed), before_id: Some(500), limit: 50, ..ListFilter::default() },
+            ListFilter { plugin: text("demo"), limit: 50, ..ListFilter::default() },
+            ListFilter { plugin: text("demo"), method: text("handle"), before_id: Some(500), limit: 50, ..ListFilter::default() },
+            ListFilter { status: Some(Status::Pending), plugin: text("demo"), method: text("handle"), limit: 50, ..ListFilter::default() },
+        ];
+        for filter in &filters {
+            let plan: Vec<String> = list_query("EXPLAIN QUERY PLAN ", filter)
+                .build()
+                .fetch_all(&store.pool)
+                .await
+                .expect("explain")
+                .iter()
+                .map(|row| row.get::<String, _>("detail"))
+                .collect();
+            let plan = plan.join("; ");
+            assert!(!plan.contains("TEMP B-TREE"), "{filter:?} sorts: {plan}");
+            let uses_index = plan.contains("USING INDEX") || plan.contains("USING INTEGER PRIMARY KEY") || plan == "SCAN jobs";
+            assert!(uses_index, "{filter:?} reads no index: {plan}");
+            if filter.status.is_some() || (filter.plugin.is_some() && filter.method.is_some()) {
+                assert!(plan.contains("SEARCH jobs USING INDEX"), "{filter:?} scans instead of searching: {plan}");
+            }
+        }
     }
 }
