@@ -43,6 +43,16 @@ pub struct BenchArgs {
     /// The demo plugin library. Default: libjobhost_demo.so beside this executable.
     #[arg(long)]
     plugin: Option<PathBuf>,
+    /// Instead of the phases above, fill the table with --dashboard-jobs jobs
+    /// and time the dashboard's pages and the JSON API over HTTP.
+    #[arg(long)]
+    dashboard: bool,
+    /// Jobs in the table for --dashboard.
+    #[arg(long, default_value_t = 1_000_000)]
+    dashboard_jobs: usize,
+    /// Requests timed per page for --dashboard.
+    #[arg(long, default_value_t = 10)]
+    dashboard_samples: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -88,7 +98,8 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         &config_path,
         format!(
             "[host]\ndatabase = \"sqlite://bench.db\"\nconcurrency = {}\nprefetch = {}\nsynchronous = \"{}\"\nlog_dir = \"logs\"\n\n\
-             [[plugin]]\nname = \"demo\"\npath = {:?}\nmethods = [\"noop\"]\n",
+             [http]\nbind = \"127.0.0.1:0\"\n\n\
+             [[plugin]]\nname = \"demo\"\npath = {:?}\nmethods = [\"noop\", \"handle\"]\n",
             args.concurrency,
             args.prefetch,
             synchronous.as_str(),
@@ -100,6 +111,12 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let _logs = logging::init(Stderr::Off, Some(&config.host.log_dir));
     let registry = Arc::new(Registry::load(&config).map_err(|errors| BenchError::setup(&errors[0]))?);
     let client = Client::with_config(config.clone(), true).await.map_err(BenchError::setup)?;
+
+    if args.dashboard {
+        return crate::http::bench::run(&config, registry, client, args.dashboard_jobs, args.dashboard_samples, &machine())
+            .await
+            .map_err(BenchError::Setup);
+    }
 
     println!("jobhost bench: {} no-op jobs on SQLite (synchronous = {})", args.jobs, synchronous.as_str());
     println!("machine: {}", machine());

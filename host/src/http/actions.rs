@@ -19,7 +19,7 @@ pub const MAX_PAGE_SIZE: u32 = 500;
 /// How long counts per status are reused. Counting a table of millions of
 /// rows takes tens of milliseconds on SQLite, and every open dashboard asks
 /// again every two seconds. NOTE: so counts may lag changes by up to this.
-const COUNTS_MAX_AGE: Duration = Duration::from_secs(1);
+pub const COUNTS_MAX_AGE: Duration = Duration::from_secs(1);
 
 /// A failed operation, with the HTTP status it maps to.
 #[derive(Debug, thiserror::Error)]

@@ -13,9 +13,11 @@
 //! - [`api`]: the JSON API under `/api/jobs`.
 //! - [`pages`]: the HTML pages.
 //! - [`metrics`]: `/metrics` and `/healthz`.
+//! - [`bench`]: `jobhost bench --dashboard`.
 
 mod actions;
 mod api;
+pub mod bench;
 mod metrics;
 mod pages;
 mod security;
