@@ -430,3 +430,25 @@ fn disabled_http_serves_nothing_and_runs_jobs() {
     assert!(daemon.is_running());
     assert!(!daemon.stderr().contains("dashboard listening"), "{}", daemon.stderr());
 }
+
+#[tokio::test]
+async fn healthz_reports_broken_database() {
+    use sqlx::Connection;
+
+    let env = Env::new();
+    let (_daemon, address) = serve(&env);
+    let get = move || tokio::task::spawn_blocking(move || http(address, "GET", "/healthz", &[], ""));
+    assert_eq!(get().await.unwrap().status, 200);
+
+    // Another program damages the database: the jobs table is gone.
+    let url = format!("sqlite://{}", env.database().display());
+    let mut connection = sqlx::SqliteConnection::connect(&url).await.expect("open the database");
+    sqlx::query("PRAGMA foreign_keys = OFF").execute(&mut connection).await.unwrap();
+    sqlx::query("ALTER TABLE jobs RENAME TO jobs_moved").execute(&mut connection).await.expect("rename the jobs table");
+    connection.close().await.unwrap();
+
+    let response = get().await.unwrap();
+    assert_eq!(response.status, 503, "{response:#?}");
+    assert!(response.body.starts_with("database unreachable: "), "{}", response.body);
+    assert!(response.body.contains("no such table: jobs"), "{}", response.body);
+}

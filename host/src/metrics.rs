@@ -5,7 +5,7 @@
 //! its text encoder follows the exposition format exactly, including label
 //! escaping and histogram buckets, which a hand-written encoder would have to
 //! get right again. Counters start at zero when the daemon starts, as
-//! Prometheus counters do; the number of jobs in each status comes from the
+//! Prometheus counters do. The number of jobs in each status comes from the
 //! jobs table at scrape time, so it covers every daemon sharing the table.
 
 use std::time::Duration;
@@ -45,6 +45,7 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let by_job = &["plugin", "method"];
+
         let jobs = IntGaugeVec::new(Opts::new("jobhost_jobs", "Jobs in the jobs table, by status"), &["status"])
             .expect("valid metric");
         let succeeded = IntCounterVec::new(
@@ -62,6 +63,7 @@ impl Metrics {
             by_job,
         )
         .expect("valid metric");
+
         let run_seconds = HistogramVec::new(
             HistogramOpts::new("jobhost_job_run_seconds", "Run time of each finished run, in seconds").buckets(RUN_BUCKETS.to_vec()),
             by_job,
@@ -76,6 +78,7 @@ impl Metrics {
             by_job,
         )
         .expect("valid metric");
+
         for collector in [
             Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(succeeded.clone()),
@@ -111,7 +114,7 @@ impl Metrics {
     }
 }
 
-/// How a run whose result was written ended.
+/// Outcome of a run whose result was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunOutcome {
     Succeeded,

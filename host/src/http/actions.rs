@@ -17,8 +17,8 @@ pub const DEFAULT_PAGE_SIZE: u32 = 50;
 pub const MAX_PAGE_SIZE: u32 = 500;
 
 /// How long counts per status are reused. Counting a table of millions of
-/// rows takes tens of milliseconds on SQLite, and every open dashboard asks
-/// again every two seconds. NOTE: so counts may lag changes by up to this.
+/// rows takes milliseconds to tens of milliseconds on SQLite, and every open
+/// dashboard refreshes every two seconds. NOTE: so counts may lag changes by up to this.
 pub const COUNTS_MAX_AGE: Duration = Duration::from_secs(1);
 
 /// A failed operation, with the HTTP status it maps to.
@@ -81,7 +81,7 @@ pub struct Page {
     pub next_before: Option<JobId>,
 }
 
-/// Reads one page. It asks for one job more than the limit, to know
+/// Reads one page. It requests one job more than the limit, to know
 /// whether an older page exists without counting.
 pub async fn list_page(state: &AppState, filter: &ListFilter) -> Result<Page, ActionError> {
     let probe = ListFilter { limit: filter.limit + 1, ..filter.clone() };
@@ -92,7 +92,7 @@ pub async fn list_page(state: &AppState, filter: &ListFilter) -> Result<Page, Ac
     Ok(Page { jobs, next_before })
 }
 
-/// What a cancel changed.
+/// Result of a cancel: the status before it and the chained jobs cancelled with it.
 pub struct Cancelled {
     pub previous: Status,
     pub descendants: Vec<JobId>,
@@ -118,7 +118,7 @@ pub async fn cancel(state: &AppState, id: JobId, reason: &str) -> Result<Cancell
     }
 }
 
-/// What a retry changed.
+/// Result of a retry: the status before it, the attempts added and the chained jobs waiting again.
 pub struct Retried {
     pub previous: Status,
     pub attempts: u32,

@@ -1,9 +1,9 @@
 //! The JSON API under `/api/jobs`: dispatch, list, show, cancel and retry.
 //!
-//! Every error is `{"error": MESSAGE}` with its status: 400 for bad input,
-//! 401 without the token, 403 for a method outside the whitelist or a
-//! cross-site request, 404 for an unknown job, 409 for a job in the wrong
-//! state, 415 for a body that is not JSON.
+//! Every error is `{"error": MESSAGE}` with its status. The statuses are 400
+//! for bad input, 401 without the token, 403 for a method outside the
+//! whitelist or a cross-site request, and 404 for an unknown job. A job in
+//! the wrong state gets 409, and a body that is not JSON gets 415.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use crate::client::{DEFAULT_PRIORITY, DispatchError, Job};
 use crate::store::JobId;
 use crate::view;
 
-/// Longest delay accepted: a year. Anything longer is almost certainly a
+/// Maximum delay accepted: a year. Anything longer is almost certainly a
 /// unit mistake (milliseconds sent as seconds).
 const MAX_DELAY: Duration = Duration::from_secs(366 * 24 * 3600);
 

@@ -23,12 +23,12 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-/// `GET /healthz`: 200 `ok` when the database answers, else 503 with the reason.
+/// `GET /healthz`: 200 `ok` when a read of the jobs table succeeds, else 503 with the reason.
 pub async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     match state.client.store().ping().await {
         Ok(()) => (StatusCode::OK, "ok\n").into_response(),
         Err(error) => {
-            tracing::error!(target: "jobhost::http", %error, "health check failed: the database does not answer");
+            tracing::error!(target: "jobhost::http", %error, "health check failed: reading the jobs table failed");
             (StatusCode::SERVICE_UNAVAILABLE, format!("database unreachable: {error}\n")).into_response()
         }
     }

@@ -32,7 +32,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
-/// What every handler reads.
+/// State shared by every handler: settings, plugins, the client, metrics and the form secret.
 pub struct AppState {
     config: Arc<Config>,
     registry: Arc<Registry>,

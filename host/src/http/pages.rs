@@ -81,7 +81,7 @@ fn page(status: StatusCode, title: &str, section: Section, body: Markup) -> Resp
     (status, layout(title, section, body)).into_response()
 }
 
-/// An error page with `status` and `message`.
+/// Renders an error page with `status` and `message`.
 pub fn error_page(status: StatusCode, message: &str) -> Response {
     let title = status.canonical_reason().unwrap_or("Error");
     page(
@@ -103,7 +103,7 @@ fn action_error_page(error: &ActionError) -> Response {
     error_page(error.status(), &error.to_string())
 }
 
-/// A hidden field with the form secret that the POST handlers check.
+/// Renders the hidden field with the form secret that the POST handlers check.
 fn csrf_field(state: &AppState) -> Markup {
     html! { input type="hidden" name="csrf" value=(state.csrf.as_str()); }
 }
@@ -589,7 +589,7 @@ impl TestJob {
     }
 }
 
-/// What the last test-panel button did.
+/// Outcome of the last test-panel button.
 enum TestOutcome {
     Dispatched { id: JobId, chained: Vec<JobId> },
     Rejected(String),
@@ -668,7 +668,7 @@ fn test_panel_body(state: &AppState, last: Option<(TestJob, TestOutcome)>) -> Ma
 // Sign-in, assets and fallbacks
 // ---------------------------------------------------------------------------
 
-/// The sign-in page, shown when a token is set and the request has none.
+/// Renders the sign-in page, shown when a token is set and the request has none.
 pub fn login_page(status: StatusCode, message: Option<&str>) -> Response {
     page(
         status,

@@ -70,7 +70,7 @@ pub fn is_machine_path(path: &str) -> bool {
     path.starts_with("/api/") || path == "/api" || path == "/metrics" || path == "/healthz"
 }
 
-/// An error response in the form the path calls for: JSON under `/api/`,
+/// Builds an error response in the form the path calls for: JSON under `/api/`,
 /// plain text for `/metrics` and `/healthz`, and an HTML page elsewhere.
 pub fn rejection(path: &str, status: StatusCode, message: &str) -> Response {
     if path.starts_with("/api") {

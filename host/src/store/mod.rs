@@ -284,7 +284,7 @@ pub trait Store: Send + Sync + 'static {
     /// Returns the number of jobs in each status, every status included.
     async fn counts(&self) -> Result<Vec<(Status, u64)>, StoreError>;
 
-    /// Checks that the database answers a trivial query, for health checks.
+    /// Checks that the database answers a read of the jobs table, for health checks.
     async fn ping(&self) -> Result<(), StoreError>;
 
     /// Cancels a job that has not ended, and its chained descendants.

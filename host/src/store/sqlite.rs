@@ -757,7 +757,9 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        // Reads the jobs table, not just `SELECT 1`, so that a file whose
+        // schema is gone or damaged fails the check.
+        sqlx::query("SELECT id FROM jobs LIMIT 1").fetch_optional(&self.pool).await?;
         Ok(())
     }
 
