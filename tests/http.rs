@@ -14,7 +14,7 @@ const LONG: Duration = Duration::from_secs(30);
 const TOKEN: &str = "test-token-0123456789abcdef";
 const JSON: (&str, &str) = ("Content-Type", "application/json");
 
-/// A daemon serving HTTP on a free port, and its address.
+/// Starts a daemon that serves HTTP on a free port, and returns it with that address.
 fn serve(env: &Env) -> (Daemon, SocketAddr) {
     let mut daemon = env.start_daemon(&[]);
     let address = daemon.http_address();
@@ -236,7 +236,8 @@ fn token_is_required_on_every_path() {
     let login = http(address, "POST", "/login", &[("Content-Type", "application/x-www-form-urlencoded")], &format!("token={TOKEN}"));
     assert_eq!(login.status, 303, "{login:#?}");
     let cookie = login.header("set-cookie").expect("sign-in sets a cookie").to_owned();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    assert!(cookie.contains("HttpOnly"), "{cookie}");
+    assert!(cookie.contains("SameSite=Strict"), "{cookie}");
     let cookie_pair = cookie.split(';').next().unwrap();
     assert_eq!(http(address, "GET", "/api/jobs", &[("Cookie", cookie_pair)], "").status, 200);
 }
@@ -408,8 +409,8 @@ fn exposed_bind_without_token_is_refused() {
 
 #[test]
 fn taken_port_stops_the_daemon_with_the_reason() {
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = taken.local_addr().unwrap().port();
+    let occupant = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = occupant.local_addr().unwrap().port();
     let env = Env::with_http(&format!("\nbind = \"127.0.0.1:{port}\"\n"));
 
     let output = env.run(&["run"]);
@@ -451,4 +452,24 @@ async fn healthz_reports_broken_database() {
     assert_eq!(response.status, 503, "{response:#?}");
     assert!(response.body.starts_with("database unreachable: "), "{}", response.body);
     assert!(response.body.contains("no such table: jobs"), "{}", response.body);
+}
+
+#[test]
+fn server_stops_with_the_daemon() {
+    use std::io::{Read, Write};
+
+    let env = Env::new();
+    let (mut daemon, address) = serve(&env);
+    // A browser keeps its connection open between requests.
+    let mut idle = std::net::TcpStream::connect(address).unwrap();
+    idle.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n\r\n").as_bytes()).unwrap();
+    let mut first_bytes = [0u8; 12];
+    idle.read_exact(&mut first_bytes).unwrap();
+    assert_eq!(&first_bytes, b"HTTP/1.1 200");
+
+    daemon.signal(libc::SIGTERM);
+
+    assert_eq!(daemon.wait(Duration::from_secs(15)), Some(0), "log:\n{}", daemon.stderr());
+    assert!(daemon.stderr().contains("HTTP server stopped"), "{}", daemon.stderr());
+    assert!(std::net::TcpStream::connect(address).is_err(), "the port still accepts connections after exit");
 }

@@ -97,8 +97,8 @@ impl Env {
         Self::with_all(TEST_HOST, http, "")
     }
 
-    /// A jobs.toml with the given `[host]` and `[http]` bodies, and
-    /// `demo_tables` after the demo plugin's entry.
+    /// Creates a folder whose jobs.toml has the given `[host]` and `[http]`
+    /// bodies, and `demo_tables` after the demo plugin's entry.
     pub fn with_all(host: &str, http: &str, demo_tables: &str) -> Self {
         let build = build();
         let plugins = format!(
