@@ -473,3 +473,46 @@ fn server_stops_with_the_daemon() {
     assert!(daemon.stderr().contains("HTTP server stopped"), "{}", daemon.stderr());
     assert!(std::net::TcpStream::connect(address).is_err(), "the port still accepts connections after exit");
 }
+
+#[test]
+fn bulk_form_cancels_and_retries_selected_jobs() {
+    let env = Env::new();
+    let (_daemon, address) = serve(&env);
+    let done = env.dispatch(&["demo", "handle", "--params", "\"done\""]);
+    wait_for_api_status(address, done, "succeeded");
+    let first = env.dispatch(&["demo", "handle", "--params", "\"one\"", "--delay", "1h"]);
+    let second = env.dispatch(&["demo", "handle", "--params", "\"two\"", "--delay", "1h"]);
+    let page = http(address, "GET", "/", &[], "").body;
+    let csrf = page.split("name=\"csrf\" value=\"").nth(1).and_then(|rest| rest.split('"').next()).expect("a csrf field").to_owned();
+    let form = ("Content-Type", "application/x-www-form-urlencoded");
+    let post = |body: String| http(address, "POST", "/jobs/bulk", &[form], &body);
+
+    let cancelled = post(format!("csrf={csrf}&action=cancel&id={first}&id={second}&id={done}"));
+
+    assert_eq!(cancelled.status, 303, "{cancelled:#?}");
+    assert_eq!(cancelled.header("location"), Some("/?bulk=cancel&changed=2&skipped=1"));
+    assert_eq!(env.status(first), "cancelled");
+    assert_eq!(env.status(second), "cancelled");
+    assert_eq!(env.status(done), "succeeded");
+    let notice = http(address, "GET", "/?bulk=cancel&changed=2&skipped=1", &[], "").body;
+    assert!(notice.contains("Cancelled 2 jobs. 1 job could not be changed"), "{notice}");
+
+    let retried = post(format!("csrf={csrf}&action=retry&id={first}"));
+    assert_eq!(retried.header("location"), Some("/?bulk=retry&changed=1&skipped=0"));
+    wait_for_api_status(address, first, "succeeded");
+
+    let rejected = [
+        (format!("action=cancel&id={second}"), 403, "security token"),
+        (format!("csrf={csrf}&action=delete&id={second}"), 400, "invalid action &quot;delete&quot;"),
+        (format!("csrf={csrf}&action=retry"), 400, "no job selected"),
+        (format!("csrf={csrf}&action=retry&id=abc"), 400, "invalid job id &quot;abc&quot;"),
+    ];
+    for (body, status, expected) in rejected {
+        let response = post(body.clone());
+        assert_eq!(response.status, status, "{body}: {response:#?}");
+        assert!(response.body.contains(expected), "{body}: {}", response.body);
+    }
+    let too_many: String = (1..=501).map(|id| format!("&id={id}")).collect();
+    assert_eq!(post(format!("csrf={csrf}&action=retry{too_many}")).status, 400);
+    assert_eq!(env.status(second), "cancelled", "no rejected post changed the job");
+}

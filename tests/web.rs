@@ -271,6 +271,33 @@ async fn cancel_delayed_job_from_its_page() {
 }
 
 #[tokio::test]
+async fn bulk_cancel_from_dashboard() {
+    with_browser("bulk_cancel_from_dashboard", Env::new(), |session| async move {
+        let kept = session.env.dispatch(&["demo", "handle", "--params", "\"kept\"", "--delay", "1h"]);
+        let first = session.env.dispatch(&["demo", "handle", "--params", "\"one\"", "--delay", "1h"]);
+        let second = session.env.dispatch(&["demo", "handle", "--params", "\"two\"", "--delay", "1h"]);
+        session.browser.goto(&session.url("/")).await.expect("open the dashboard");
+
+        for id in [first, second] {
+            let css = format!("tr[data-job-id=\"{id}\"] input[type=checkbox]");
+            session.browser.find(Locator::Css(&css)).await.expect("a checkbox per row").click().await.expect("tick");
+        }
+        // A live refresh in between must keep the ticks: dispatch a job so the list changes.
+        let newer = session.env.dispatch(&["demo", "handle", "--params", "\"newer\"", "--delay", "1h"]);
+        session.eventually("the new job to appear", LONG, || async { session.text_of(&format!("tr[data-job-id=\"{newer}\"]")).await }).await;
+        session.browser.find(Locator::Id("bulk-cancel")).await.expect("the cancel button").click().await.expect("click");
+
+        let notice = session.eventually("the bulk notice", LONG, || async { session.text_of("#bulk-notice").await }).await;
+        assert_eq!(notice, "Cancelled 2 jobs.");
+        session.wait_for_row_status(first, "cancelled").await;
+        session.wait_for_row_status(second, "cancelled").await;
+        assert_eq!(session.env.status(kept), "pending");
+        assert_eq!(session.env.status(newer), "pending");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn hostile_job_values_run_no_script() {
     with_browser("hostile_job_values_run_no_script", Env::new(), |session| async move {
         let hostile = "<script>document.title='pwned';window.pwned=1</script><img src=x onerror=\"window.pwned=2;document.title='pwned'\">";

@@ -189,7 +189,15 @@ pub async fn dashboard(State(state): State<Arc<AppState>>, Query(query): Query<H
 
     let body = html! {
         h1 { "Jobs" }
+        @if let Some(notice) = bulk_notice(&query) { p.notice #bulk-notice { (notice) } }
         (filter_form(&state, &filter, &query))
+        form #bulk.bulk method="post" action="/jobs/bulk" {
+            (csrf_field(&state))
+            span.muted { "Selected jobs: " }
+            button type="submit" name="action" value="retry" #bulk-retry { "Retry" }
+            " "
+            button.danger type="submit" name="action" value="cancel" #bulk-cancel { "Cancel" }
+        }
         div #live data-refresh=(REFRESH_MS) {
             ul.counts {
                 li { a.count.active[filter.status.is_none()] href=(status_link(&query, None)) { span.number { (total) } " all" } }
@@ -214,6 +222,66 @@ pub async fn dashboard(State(state): State<Arc<AppState>>, Query(query): Query<H
         }
     };
     page(StatusCode::OK, "Jobs", Section::Dashboard, body)
+}
+
+/// Describes the result of the last bulk action from the numbers in the
+/// query string. Only numbers and fixed words reach the page.
+fn bulk_notice(query: &HashMap<String, String>) -> Option<String> {
+    let verb = match query.get("bulk").map(String::as_str) {
+        Some("cancel") => "Cancelled",
+        Some("retry") => "Queued again",
+        _ => return None,
+    };
+    let number = |key: &str| query.get(key).and_then(|value| value.parse::<u64>().ok()).unwrap_or(0);
+    let (changed, skipped) = (number("changed"), number("skipped"));
+    let jobs = |count: u64| if count == 1 { "job" } else { "jobs" };
+    let mut notice = format!("{verb} {changed} {}.", jobs(changed));
+    if skipped > 0 {
+        notice.push_str(&format!(" {skipped} {} could not be changed in their state; their pages say why.", jobs(skipped)));
+    }
+    Some(notice)
+}
+
+/// `POST /jobs/bulk`: cancels or retries the jobs selected on the dashboard.
+pub async fn bulk_action(State(state): State<Arc<AppState>>, Form(form): Form<Vec<(String, String)>>) -> Response {
+    let fields: HashMap<String, String> = form.iter().filter(|(key, _)| key != "id").cloned().collect();
+    if let Err(response) = check_csrf(&state, &fields) {
+        return response;
+    }
+    let action = fields.get("action").map(String::as_str).unwrap_or("");
+    if action != "cancel" && action != "retry" {
+        return error_page(StatusCode::BAD_REQUEST, &format!("invalid action {action:?}: use cancel or retry"));
+    }
+    let mut ids = Vec::new();
+    for (key, value) in &form {
+        if key != "id" {
+            continue;
+        }
+        match value.parse::<JobId>() {
+            Ok(id) if id > 0 => ids.push(id),
+            _ => return error_page(StatusCode::BAD_REQUEST, &format!("invalid job id {value:?}: use a whole number above 0")),
+        }
+    }
+    if ids.is_empty() {
+        return error_page(StatusCode::BAD_REQUEST, "no job selected; tick the jobs to change first");
+    }
+    if ids.len() > actions::MAX_PAGE_SIZE as usize {
+        return error_page(StatusCode::BAD_REQUEST, &format!("{} jobs selected; select at most {} at once", ids.len(), actions::MAX_PAGE_SIZE));
+    }
+
+    let (mut changed, mut skipped) = (0, 0);
+    for id in ids {
+        let result = match action {
+            "cancel" => actions::cancel(&state, id, "cancelled from the dashboard").await.map(|_| ()),
+            _ => actions::retry(&state, id).await.map(|_| ()),
+        };
+        match result {
+            Ok(()) => changed += 1,
+            Err(ActionError::Store(error)) => return action_error_page(&ActionError::Store(error)),
+            Err(_) => skipped += 1,
+        }
+    }
+    Redirect::to(&format!("/?bulk={action}&changed={changed}&skipped={skipped}")).into_response()
 }
 
 fn status_link(query: &HashMap<String, String>, status: Option<Status>) -> String {
@@ -268,10 +336,11 @@ fn job_table(jobs: &[JobRecord]) -> Markup {
             p.empty { "No jobs match." }
         } @else {
             table.jobs {
-                thead { tr { th { "ID" } th { "Job" } th { "Status" } th { "Priority" } th { "Attempts" } th { "Created" } th { "Run at" } th { "Last error" } } }
+                thead { tr { th { span.muted { "✓" } } th { "ID" } th { "Job" } th { "Status" } th { "Priority" } th { "Attempts" } th { "Created" } th { "Run at" } th { "Last error" } } }
                 tbody {
                     @for job in jobs {
                         tr data-job-id=(job.id) {
+                            td.select { input type="checkbox" name="id" value=(job.id) form="bulk" aria-label={ "select job " (job.id) }; }
                             td { a href={ "/jobs/" (job.id) } { "#" (job.id) } }
                             td.name { (job.plugin) "." (job.method) }
                             td { (status_badge(job.status)) }

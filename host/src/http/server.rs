@@ -84,6 +84,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 
     Router::new()
         .route("/", get(pages::dashboard))
+        .route("/jobs/bulk", post(pages::bulk_action))
         .route("/jobs/{id}", get(pages::job))
         .route("/jobs/{id}/cancel", post(pages::cancel))
         .route("/jobs/{id}/retry", post(pages::retry))

@@ -41,7 +41,17 @@
             return;
           }
           if (fresh.innerHTML !== live.innerHTML) {
+            // Keep the rows the user has ticked for a bulk action.
+            var ticked = Array.prototype.map.call(live.querySelectorAll("input[type=checkbox]:checked"), function (box) {
+              return box.value;
+            });
             live.innerHTML = fresh.innerHTML;
+            ticked.forEach(function (value) {
+              var box = live.querySelector("input[type=checkbox][value=\"" + value + "\"]");
+              if (box) {
+                box.checked = true;
+              }
+            });
           }
           if (fresh.dataset.refresh) {
             schedule();
