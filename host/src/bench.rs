@@ -56,6 +56,16 @@ pub struct BenchArgs {
     /// Connections per daemon to PostgreSQL.
     #[arg(long, default_value_t = 10)]
     pool_size: u32,
+    /// Instead of the phases above, fill the table with --dashboard-jobs jobs
+    /// and time the dashboard's pages and the JSON API over HTTP.
+    #[arg(long)]
+    dashboard: bool,
+    /// Jobs in the table for --dashboard.
+    #[arg(long, default_value_t = 1_000_000)]
+    dashboard_jobs: usize,
+    /// Requests timed per page for --dashboard.
+    #[arg(long, default_value_t = 10)]
+    dashboard_samples: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -109,7 +119,8 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         &config_path,
         format!(
             "[host]\ndatabase = {database:?}\nconcurrency = {}\nprefetch = {}\npool_size = {}\nsynchronous = \"{}\"\nlog_dir = \"logs\"\n\n\
-             [[plugin]]\nname = \"demo\"\npath = {:?}\nmethods = [\"noop\"]\n",
+             [http]\nbind = \"127.0.0.1:0\"\n\n\
+             [[plugin]]\nname = \"demo\"\npath = {:?}\nmethods = [\"noop\", \"handle\"]\n",
             args.concurrency,
             args.prefetch,
             args.pool_size,
@@ -122,6 +133,16 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let _logs = logging::init(Stderr::Off, Some(&config.host.log_dir));
     let registry = Arc::new(Registry::load(&config).map_err(|errors| BenchError::setup(&errors[0]))?);
     let client = Client::with_config(config.clone(), true).await.map_err(BenchError::setup)?;
+
+    if args.dashboard {
+        let result = crate::http::bench::run(&config, registry, client, args.dashboard_jobs, args.dashboard_samples, &machine())
+            .await
+            .map_err(BenchError::Setup);
+        if let Some(schema) = schema {
+            schema.drop_schema().await;
+        }
+        return result;
+    }
 
     println!("jobhost bench: {} no-op jobs on {backend}", args.jobs);
     println!("machine: {}", machine());

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, Client, DEFAULT_PRIORITY, Job};
 use crate::config::{self, Config};
+use crate::http;
 use crate::logging::{self, Stderr};
 use crate::registry::Registry;
 use crate::scheduler::{Daemon, Mode};
@@ -188,6 +189,11 @@ async fn open_existing(config: Arc<Config>) -> Result<Client, Failure> {
 
 async fn run(config_path: &std::path::Path, once: bool) -> Result<(), Failure> {
     let config = load_config(config_path)?;
+    // `run --once` is for cron and serves no HTTP.
+    let serve_http = config.http.enabled && !once;
+    if serve_http {
+        config.http.check_exposure(&config.path)?;
+    }
     let _logs = logging::init(Stderr::Info, Some(&config.host.log_dir));
     let registry = load_registry(&config)?;
     for plugin in registry.plugins() {
@@ -201,12 +207,28 @@ async fn run(config_path: &std::path::Path, once: bool) -> Result<(), Failure> {
         );
     }
     let client = Client::with_config(config.clone(), true).await?;
+    let registry = Arc::new(registry);
+    let server = if serve_http { Some(http::Server::bind(&config.http).await?) } else { None };
 
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signals(shutdown.clone()));
-    let daemon = Daemon::new(config, Arc::new(registry), client.store().clone());
+    let daemon = Daemon::new(config.clone(), registry.clone(), client.store().clone());
+
+    // The server starts after the daemon has its metrics, and stops after
+    // the daemon has stopped, so the dashboard stays up while jobs finish.
+    let http_stop = CancellationToken::new();
+    let http_task = server.map(|server| {
+        let address = server.address();
+        tracing::info!(target: "jobhost::daemon", "dashboard listening on http://{address}/");
+        let state = http::AppState::new(config, daemon.live(), client.clone(), daemon.metrics());
+        tokio::spawn(server.serve(state, http_stop.clone()))
+    });
     let mode = if once { Mode::Once } else { Mode::Forever };
     daemon.run(mode, shutdown).await;
+    http_stop.cancel();
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
     Ok(())
 }
 

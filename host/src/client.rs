@@ -202,7 +202,19 @@ impl Client {
     /// Dispatches many jobs in one transaction, returning their ids in order.
     /// If any job is invalid, none is written.
     pub async fn dispatch_many(&self, jobs: &[Job]) -> Result<Vec<JobId>, DispatchError> {
-        let chains = jobs.iter().map(|job| prepare(&self.config, job)).collect::<Result<Vec<_>, _>>()?;
+        let config = self.config.clone();
+        self.dispatch_many_with(&config, jobs).await
+    }
+
+    /// Dispatches `job` checked against the whitelist of `config` instead of
+    /// the client's own, as a daemon does after reloading jobs.toml.
+    pub async fn dispatch_with(&self, config: &Config, job: Job) -> Result<JobId, DispatchError> {
+        let ids = self.dispatch_many_with(config, std::slice::from_ref(&job)).await?;
+        Ok(ids[0])
+    }
+
+    async fn dispatch_many_with(&self, config: &Config, jobs: &[Job]) -> Result<Vec<JobId>, DispatchError> {
+        let chains = jobs.iter().map(|job| prepare(config, job)).collect::<Result<Vec<_>, _>>()?;
         let ids = self.store.dispatch(&chains).await?;
         for (id, chain) in ids.iter().zip(&chains) {
             let head = &chain.head;

@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,6 +25,11 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// Default `max_retry_delay`: the cap on exponential backoff.
 pub const DEFAULT_MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
+/// Default `bind` of `[http]`: loopback only, so that nothing outside this
+/// machine reaches the dashboard unless jobs.toml says so.
+pub const DEFAULT_HTTP_BIND: &str = "127.0.0.1:8080";
+/// Shortest `token` accepted in `[http]`.
+pub const MIN_TOKEN_LENGTH: usize = 16;
 /// Highest `max_attempts` accepted; far more than any job needs, and small
 /// enough that attempt counters never come near overflowing.
 pub const MAX_MAX_ATTEMPTS: u32 = 1_000_000;
@@ -38,6 +44,7 @@ pub struct Config {
     /// The file this was read from.
     pub path: PathBuf,
     pub host: HostSettings,
+    pub http: HttpSettings,
     /// Plugins by name, in file order.
     pub plugins: Vec<PluginConfig>,
 }
@@ -67,6 +74,72 @@ pub struct HostSettings {
     pub library_cache: PathBuf,
     /// SQLite `synchronous` pragma. Default: `normal`.
     pub synchronous: Synchronous,
+}
+
+/// The `[http]` table: the dashboard, test panel, JSON API and metrics that
+/// `jobhost run` serves.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Whether `jobhost run` serves HTTP. Default: true.
+    pub enabled: bool,
+    /// Address and port to listen on; port 0 picks a free port. Default: 127.0.0.1:8080.
+    pub bind: SocketAddr,
+    /// Line of `bind` in jobs.toml, for messages about it.
+    pub line: Option<usize>,
+    /// Secret that every request must present when set. Default: none.
+    pub token: Option<Token>,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            bind: DEFAULT_HTTP_BIND.parse().expect("the default bind address is valid"),
+            line: None,
+            token: None,
+        }
+    }
+}
+
+/// The `[http]` token: a secret, so `Debug` does not print it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// Reason `jobhost run` rejects an `[http]` table at start-up.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{location}[http] bind = \"{bind}\" accepts connections from other machines, but no token is set, so anyone who can reach this address could read, dispatch and cancel jobs; set token in [http] (at least {MIN_TOKEN_LENGTH} random characters), or bind to 127.0.0.1")]
+pub struct ExposedWithoutToken {
+    location: String,
+    bind: SocketAddr,
+}
+
+impl HttpSettings {
+    /// Rejects a bind address that other machines can reach when no token is set.
+    ///
+    /// This is checked when the server starts, not when jobs.toml is read, so
+    /// that commands which serve nothing (`dispatch`, `list`) still work.
+    pub fn check_exposure(&self, config_path: &Path) -> Result<(), ExposedWithoutToken> {
+        if !self.enabled || self.token.is_some() || self.bind.ip().is_loopback() {
+            return Ok(());
+        }
+        let location = match self.line {
+            Some(line) => format!("{}:{line}: ", config_path.display()),
+            None => format!("{}: ", config_path.display()),
+        };
+        Err(ExposedWithoutToken { location, bind: self.bind })
+    }
 }
 
 /// Database that holds the jobs table.
@@ -319,7 +392,17 @@ struct RawConfig {
     #[serde(default)]
     host: RawHost,
     #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
     plugin: Vec<RawPlugin>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    enabled: Option<bool>,
+    bind: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -503,8 +586,11 @@ fn validate(source: &Source<'_>, raw: RawConfig, problems: &mut Vec<Problem>) ->
         });
     }
 
+    let http = http_settings(source, &raw.http, problems);
+
     Config {
         path: source.path.to_owned(),
+        http,
         host: HostSettings {
             database,
             concurrency,
@@ -519,6 +605,50 @@ fn validate(source: &Source<'_>, raw: RawConfig, problems: &mut Vec<Problem>) ->
         },
         plugins,
     }
+}
+
+fn http_settings(source: &Source<'_>, raw: &RawHttp, problems: &mut Vec<Problem>) -> HttpSettings {
+    let mut settings = HttpSettings { enabled: raw.enabled.unwrap_or(true), ..HttpSettings::default() };
+    if let Some(bind) = &raw.bind {
+        settings.line = Some(source.line(&bind.span()));
+        match bind.get_ref().trim().parse::<SocketAddr>() {
+            Ok(address) => settings.bind = address,
+            Err(_) => problems.push(source.problem(
+                &bind.span(),
+                format!(
+                    "bind = {:?} is not an address and port; use an IP address with a port, such as \"127.0.0.1:8080\" or \"[::1]:8080\" (port 0 picks a free port)",
+                    bind.get_ref()
+                ),
+            )),
+        }
+    }
+    if let Some(token) = &raw.token {
+        let text = token.get_ref();
+        let invalid = text.chars().find(|&character| !is_token_char(character));
+        if let Some(character) = invalid {
+            problems.push(source.problem(
+                &token.span(),
+                format!("token contains {character:?}; use only letters, digits and - . _ ~ + / =, such as the output of `openssl rand -hex 32`"),
+            ));
+        } else if text.len() < MIN_TOKEN_LENGTH {
+            problems.push(source.problem(
+                &token.span(),
+                format!(
+                    "token is {} characters long; use at least {MIN_TOKEN_LENGTH} random characters, such as the output of `openssl rand -hex 32`",
+                    text.len()
+                ),
+            ));
+        } else {
+            settings.token = Some(Token(text.clone()));
+        }
+    }
+    settings
+}
+
+/// Returns true for the characters a token may contain: those that are safe
+/// unquoted in an HTTP header and in a cookie value.
+fn is_token_char(character: char) -> bool {
+    character.is_ascii_alphanumeric() || "-._~+/=".contains(character)
 }
 
 fn parse_database(url: &str, folder: &Path) -> Result<Database, String> {
@@ -786,6 +916,51 @@ max_attempts = 0
         assert_eq!(settings.retry_delay_after(u32::MAX), Duration::from_secs(60));
         let uncapped = MethodSettings { max_retry_delay: Duration::MAX, ..settings };
         assert!(uncapped.retry_delay_after(u32::MAX) > Duration::from_secs(1 << 40));
+    }
+
+    #[test]
+    fn http_defaults_to_loopback_without_token() {
+        let config = parse("").unwrap();
+        assert!(config.http.enabled);
+        assert_eq!(config.http.bind, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.http.token, None);
+    }
+
+    #[test]
+    fn http_settings_are_read() {
+        let config = parse("[http]\nenabled = false\nbind = \"[::1]:0\"\ntoken = \"0123456789abcdef\"\n").unwrap();
+        assert!(!config.http.enabled);
+        assert_eq!(config.http.bind, "[::1]:0".parse().unwrap());
+        assert_eq!(config.http.token.as_ref().map(Token::expose), Some("0123456789abcdef"));
+        assert_eq!(format!("{:?}", config.http.token), "Some(Token(<redacted>))");
+    }
+
+    #[test]
+    fn http_problems_name_their_lines() {
+        let found = problems("[http]\nbind = \"localhost\"\ntoken = \"short\"\n");
+        assert_eq!(found.len(), 2, "{found:#?}");
+        assert!(found[0].starts_with("/srv/jobs.toml:2: bind = \"localhost\" is not an address"), "{}", found[0]);
+        assert!(found[1].starts_with("/srv/jobs.toml:3: token is 5 characters long"), "{}", found[1]);
+        let found = problems("[http]\ntoken = \"has a space in it, oh\"\n");
+        assert!(found[0].contains("token contains ' '"), "{}", found[0]);
+    }
+
+    #[test]
+    fn exposed_bind_needs_a_token() {
+        let path = Path::new("/srv/jobs.toml");
+        let exposed = parse("[http]\nbind = \"0.0.0.0:8080\"\n").unwrap();
+        let error = exposed.http.check_exposure(path).unwrap_err().to_string();
+        assert!(error.starts_with("/srv/jobs.toml:2: [http] bind = \"0.0.0.0:8080\" accepts connections from other machines"), "{error}");
+        assert!(error.contains("set token in [http]"), "{error}");
+
+        let with_token = parse("[http]\nbind = \"0.0.0.0:8080\"\ntoken = \"0123456789abcdef\"\n").unwrap();
+        assert!(with_token.http.check_exposure(path).is_ok());
+        let disabled = parse("[http]\nbind = \"0.0.0.0:8080\"\nenabled = false\n").unwrap();
+        assert!(disabled.http.check_exposure(path).is_ok());
+        for loopback in ["127.0.0.1:0", "[::1]:8080", "127.0.0.2:80"] {
+            let config = parse(&format!("[http]\nbind = \"{loopback}\"\n")).unwrap();
+            assert!(config.http.check_exposure(path).is_ok(), "{loopback}");
+        }
     }
 
     #[test]

@@ -388,6 +388,21 @@ fn jobhost_plugin_api_version() -> String {
     strings.version.as_str().to_owned()
 }
 
+/// Returns the SHA-256 of the file at `path`, in lowercase hex, reading it in 64 KiB steps.
+pub fn file_sha256(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            return Ok(hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect());
+        }
+        hasher.update(&buffer[..read]);
+    }
+}
+
 /// Returns the SHA-256 of `bytes`, in lowercase hex.
 pub fn bytes_sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|byte| format!("{byte:02x}")).collect()

@@ -109,6 +109,11 @@ impl Live {
         false
     }
 
+    /// Returns the problems of the last reload, empty when it succeeded.
+    pub fn last_problems(&self) -> Vec<String> {
+        self.last_problems.read().unwrap().clone()
+    }
+
     /// Returns the files whose change triggers a reload: jobs.toml and every listed library.
     pub fn watched_files(&self) -> BTreeSet<PathBuf> {
         let config = self.config();
@@ -216,12 +221,27 @@ fn changed_host_settings(before: &Config, after: &Config) -> Vec<&'static str> {
     changed
 }
 
-/// Runs reloads for the requests on `requests` until it closes, watching
-/// jobs.toml and the libraries and listening for SIGHUP meanwhile.
-pub async fn run(live: Arc<Live>, requests: mpsc::UnboundedSender<Trigger>, mut receiver: mpsc::UnboundedReceiver<Trigger>) {
-    let mut watcher = start_watcher(&live, requests.clone());
-    tokio::spawn(forward_sighup(requests));
+/// Starts watching jobs.toml and the libraries and listening for SIGHUP,
+/// before it returns, then runs reloads for the requests on `receiver` in a
+/// task until that channel closes.
+pub fn start(
+    live: Arc<Live>,
+    requests: mpsc::UnboundedSender<Trigger>,
+    receiver: mpsc::UnboundedReceiver<Trigger>,
+) -> tokio::task::JoinHandle<()> {
+    let watcher = start_watcher(&live, requests.clone());
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangup) => {
+            tokio::spawn(forward_sighup(hangup, requests));
+        }
+        Err(error) => {
+            warn!(target: "jobhost::daemon", %error, "cannot listen for SIGHUP; reload with `jobhost reload` instead");
+        }
+    }
+    tokio::spawn(run(live, watcher, receiver))
+}
 
+async fn run(live: Arc<Live>, mut watcher: Option<FileWatcher>, mut receiver: mpsc::UnboundedReceiver<Trigger>) {
     while let Some(first) = receiver.recv().await {
         let mut trigger = first;
         // Debounce: wait until requests stop for a moment.
@@ -244,12 +264,7 @@ pub async fn run(live: Arc<Live>, requests: mpsc::UnboundedSender<Trigger>, mut 
     }
 }
 
-async fn forward_sighup(requests: mpsc::UnboundedSender<Trigger>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-        warn!(target: "jobhost::daemon", "cannot listen for SIGHUP; reload with `jobhost reload` instead");
-        return;
-    };
+async fn forward_sighup(mut hangup: tokio::signal::unix::Signal, requests: mpsc::UnboundedSender<Trigger>) {
     while hangup.recv().await.is_some() {
         if requests.send(Trigger::Signal).is_err() {
             return;

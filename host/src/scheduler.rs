@@ -39,6 +39,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::executor::{Run, RunSink, RunState, WorkerPool};
+use crate::metrics::{Metrics, RunOutcome};
 use crate::registry::Registry;
 use crate::reload::{self, Live, Trigger};
 use crate::store::{ClaimedJob, Finished, FinishedOutcome, JobId, Status, Store};
@@ -102,6 +103,7 @@ struct Shared {
     /// The claim loop wants waking when fewer jobs than this are in flight.
     refill_below: usize,
     summary: Mutex<Summary>,
+    metrics: Arc<Metrics>,
 }
 
 /// A finished run on its way to the completion writer.
@@ -109,6 +111,8 @@ struct Completion {
     finished: Finished,
     plugin: String,
     method: String,
+    /// From when the job became due to the start of the run.
+    start_delay: Duration,
 }
 
 impl Daemon {
@@ -132,8 +136,19 @@ impl Daemon {
             results: results_sender,
             refill_below: refill_below(concurrency, prefetch),
             summary: Mutex::new(Summary::default()),
+            metrics: Arc::new(Metrics::new()),
         });
         Self { shared, results, reloads }
+    }
+
+    /// Returns the metrics this daemon records as it writes results.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// Returns the configuration and plugins in use, which reloads replace.
+    pub fn live(&self) -> Arc<Live> {
+        self.shared.live.clone()
     }
 
     /// Returns the lease owner this daemon writes into the jobs it claims.
@@ -146,18 +161,11 @@ impl Daemon {
     pub async fn run(self, mode: Mode, shutdown: CancellationToken) -> Summary {
         let shared = self.shared;
         let host = &shared.config.host;
-        info!(
-            target: "jobhost::daemon",
-            owner = %shared.owner,
-            database = %host.database,
-            concurrency = host.concurrency,
-            prefetch = host.prefetch,
-            "daemon started"
-        );
 
-        // `run --once` finishes with the configuration it started with.
+        // `run --once` finishes with the configuration it started with. The
+        // watcher and the SIGHUP handler are in place before this returns.
         let reloader = (mode == Mode::Forever)
-            .then(|| tokio::spawn(reload::run(shared.live.clone(), shared.reload_requests.clone(), self.reloads)));
+            .then(|| reload::start(shared.live.clone(), shared.reload_requests.clone(), self.reloads));
         let writer_stop = CancellationToken::new();
         let writer = tokio::spawn(write_results(shared.clone(), self.results, writer_stop.clone()));
         let keeper_stop = CancellationToken::new();
@@ -169,6 +177,15 @@ impl Daemon {
                 None
             }
         };
+
+        info!(
+            target: "jobhost::daemon",
+            owner = %shared.owner,
+            database = %host.database,
+            concurrency = host.concurrency,
+            prefetch = host.prefetch,
+            "daemon started"
+        );
 
         let pool = WorkerPool::start(host.concurrency, shared.clone(), tokio::runtime::Handle::current());
         rescue(&shared).await;
@@ -383,6 +400,7 @@ fn complete(shared: &Shared, job: &ClaimedJob, outcome: FinishedOutcome, duratio
         finished: Finished { id: job.id, attempt: job.attempt, duration, outcome },
         plugin: job.plugin.clone(),
         method: job.method.clone(),
+        start_delay: job.started_at.since(job.run_at),
     };
     if shared.results.send(completion).is_err() {
         // Only after the writer has stopped, which happens after every run.
@@ -459,6 +477,7 @@ async fn write_batch(shared: &Shared, batch: &[Completion], stop: &CancellationT
     let mut summary = Summary::default();
     for completion in batch {
         log_result(completion, statuses.get(&completion.finished.id).copied(), &mut summary);
+        record_metrics(&shared.metrics, completion, statuses.contains_key(&completion.finished.id));
     }
     for id in &report.cancelled {
         warn!(target: "jobhost::job", job_id = id, "chained job cancelled because its parent failed");
@@ -469,6 +488,18 @@ async fn write_batch(shared: &Shared, batch: &[Completion], stop: &CancellationT
     total.retried += summary.retried;
     total.discarded += summary.discarded;
     !report.released.is_empty() || summary.retried > 0
+}
+
+fn record_metrics(metrics: &Metrics, completion: &Completion, written: bool) {
+    if !written {
+        return;
+    }
+    let outcome = match completion.finished.outcome {
+        FinishedOutcome::Succeeded { .. } => RunOutcome::Succeeded,
+        FinishedOutcome::Retry { .. } => RunOutcome::Retried,
+        FinishedOutcome::Failed { .. } => RunOutcome::Failed,
+    };
+    metrics.record_run(&completion.plugin, &completion.method, outcome, completion.finished.duration, completion.start_delay);
 }
 
 fn log_result(completion: &Completion, written: Option<Status>, summary: &mut Summary) {

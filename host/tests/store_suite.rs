@@ -82,6 +82,8 @@ macro_rules! store_suite {
                 list_pages_with_before_id,
                 next_due_returns_earliest_pending_run_at,
                 counts_reports_every_status,
+                ping_answers_on_open_database,
+                list_pages_cover_filtered_jobs_exactly_once,
                 history_records_every_attempt_and_event,
                 lookups_of_unknown_job_return_nothing,
             ]);
@@ -1475,6 +1477,43 @@ async fn next_due_returns_earliest_pending_run_at(store: Arc<dyn Store>) -> Case
 
     let due_now = dispatch_one(store, NewJob { priority: 10, ..echo() }).await?;
     assert_eq!(store.next_due().await?, Some(record(store, due_now).await?.run_at), "a job that is already due");
+    Ok(())
+}
+
+async fn ping_answers_on_open_database(store: Arc<dyn Store>) -> CaseResult {
+    store.ping().await?;
+    dispatch_one(&*store, echo()).await?;
+    store.ping().await
+}
+
+/// Walks every page of a filtered list with `before_id`, as the dashboard
+/// and `GET /api/jobs` do, and checks that the pages hold each matching job
+/// once, newest first, and nothing else.
+async fn list_pages_cover_filtered_jobs_exactly_once(store: Arc<dyn Store>) -> CaseResult {
+    let store = &*store;
+    let other = NewJob { method: "other".to_owned(), ..echo() };
+    let mut chains = Vec::new();
+    for index in 0..23 {
+        chains.push(single(if index % 3 == 0 { other.clone() } else { echo() }));
+    }
+    let heads = store.dispatch(&chains).await?;
+    let expected: Vec<JobId> =
+        heads.iter().zip(&chains).filter(|(_, chain)| chain.head.method == echo().method).map(|(&id, _)| id).rev().collect();
+
+    let mut seen = Vec::new();
+    let mut before_id = None;
+    loop {
+        let filter = ListFilter { method: Some(echo().method), before_id, limit: 4, ..ListFilter::default() };
+        let page = store.list(&filter).await?;
+        assert!(page.len() <= 4, "a page holds at most the limit: {}", page.len());
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.iter().all(|job| job.method == echo().method), "a page holds a job of another method");
+        before_id = page.last().map(|job| job.id);
+        seen.extend(page.iter().map(|job| job.id));
+    }
+    assert_eq!(seen, expected);
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -67,6 +68,12 @@ retry_delay = "100ms"
 log_dir = "logs"
 "#;
 
+/// HTTP settings suited to tests: a free loopback port for each daemon,
+/// because many tests run daemons at once.
+pub const TEST_HTTP: &str = r#"
+bind = "127.0.0.1:0"
+"#;
+
 /// A temporary folder with a jobs.toml, where commands and daemons run.
 pub struct Env {
     pub dir: tempfile::TempDir,
@@ -89,6 +96,17 @@ impl Env {
     /// Like [`Env::with_host`], with `demo_tables` (such as
     /// `[plugin.method.sleep]` tables) after the demo plugin's entry.
     pub fn with_parts(host: &str, demo_tables: &str) -> Self {
+        Self::with_all(host, TEST_HTTP, demo_tables)
+    }
+
+    /// Like [`Env::new`], with the given `[http]` body.
+    pub fn with_http(http: &str) -> Self {
+        Self::with_all(TEST_HOST, http, "")
+    }
+
+    /// Creates a folder whose jobs.toml has the given `[host]` and `[http]`
+    /// bodies, and `demo_tables` after the demo plugin's entry.
+    pub fn with_all(host: &str, http: &str, demo_tables: &str) -> Self {
         let build = build();
         let plugins = format!(
             r#"
@@ -106,7 +124,7 @@ methods = ["sha256", "gzip"]
             demo = build.demo.display().to_string(),
             files = build.files.display().to_string(),
         );
-        Self::with_config(&format!("[host]{host}\n{plugins}"))
+        Self::with_config(&format!("[host]{host}\n[http]\n{http}\n{plugins}"))
     }
 
     /// A folder whose jobs.toml is exactly `text`.
@@ -281,6 +299,92 @@ impl Daemon {
 
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the daemon to log the address of its HTTP server, and returns it.
+    pub fn http_address(&mut self) -> SocketAddr {
+        let mut address = None;
+        let found = wait_until(Duration::from_secs(20), || {
+            address = self.stderr().lines().find_map(|line| {
+                let rest = line.split("dashboard listening on http://").nth(1)?;
+                rest.split('/').next()?.parse::<SocketAddr>().ok()
+            });
+            address.is_some() || !self.is_running()
+        });
+        assert!(found, "the daemon did not log its HTTP address within 20 s; log:\n{}", self.stderr());
+        address.unwrap_or_else(|| panic!("the daemon exited without serving HTTP; log:\n{}", self.stderr()))
+    }
+}
+
+/// A response read by [`http`].
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names in lowercase, in the order received.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
+    }
+
+    /// Parses the body as JSON, failing the test with the body if it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|error| panic!("the body is not JSON ({error}): {}", self.body))
+    }
+}
+
+/// Sends one HTTP/1.1 request to `address` and reads the whole response.
+/// `headers` may override `Host`. Written on a plain TCP stream so that tests
+/// control every header, including the ones browsers set.
+pub fn http(address: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> HttpResponse {
+    use std::io::Read;
+
+    let mut stream = std::net::TcpStream::connect(address).unwrap_or_else(|error| panic!("connecting to {address} failed: {error}"));
+    stream.set_read_timeout(Some(Duration::from_secs(30))).expect("read timeout");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("host")) {
+        request.push_str(&format!("Host: {address}\r\n"));
+    }
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).expect("sending the request");
+
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("reading the response");
+    let text = String::from_utf8(raw).expect("the response is UTF-8");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no end of headers in {text:?}"));
+    let mut lines = head.lines();
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect::<Vec<_>>();
+    let body = if headers.iter().any(|(name, value)| name == "transfer-encoding" && value.contains("chunked")) {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    HttpResponse { status, headers, body }
+}
+
+/// Decodes a chunked transfer-encoded body.
+fn dechunk(mut rest: &str) -> String {
+    let mut body = String::new();
+    loop {
+        let Some((size, after)) = rest.split_once("\r\n") else { return body };
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
+        if size == 0 || after.len() < size {
+            return body;
+        }
+        body.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
     }
 }
 

@@ -315,12 +315,16 @@ pub trait Store: Send + Sync + 'static {
     async fn attempts(&self, id: JobId) -> Result<Vec<AttemptRecord>, StoreError>;
     async fn events(&self, id: JobId) -> Result<Vec<EventRecord>, StoreError>;
     async fn children(&self, id: JobId) -> Result<Vec<JobId>, StoreError>;
+    /// Returns the number of jobs in each status, every status included.
     async fn counts(&self) -> Result<Vec<(Status, u64)>, StoreError>;
 
     /// Deletes jobs that ended (succeeded, failed or cancelled) more than
     /// `age` ago, with their history, and returns how many were deleted. A
     /// job stays while a job chained to it is still there.
     async fn prune(&self, age: Duration) -> Result<u64, StoreError>;
+
+    /// Checks that the database answers a read of the jobs table, for health checks.
+    async fn ping(&self) -> Result<(), StoreError>;
 
     /// Cancels a job that has not ended, and its chained descendants.
     async fn cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError>;

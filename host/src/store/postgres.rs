@@ -727,6 +727,13 @@ impl Store for PostgresStore {
         Ok(RetryOutcome::Requeued { previous, descendants })
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        // Reads the jobs table, not just `SELECT 1`, so that a schema whose
+        // table is gone fails the check.
+        sqlx::query("SELECT id FROM jobs LIMIT 1").fetch_optional(&self.pool).await?;
+        Ok(())
+    }
+
     async fn wake(&self, wake: Wake) {
         match self.pool.acquire().await {
             Ok(mut connection) => {

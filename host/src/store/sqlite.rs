@@ -18,7 +18,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -216,6 +215,39 @@ fn job_from_row(row: &SqliteRow) -> Result<JobRecord, StoreError> {
         lease_owner: row.try_get("lease_owner")?,
         lease_expires_at: row.try_get::<Option<i64>, _>("lease_expires_at")?.map(Timestamp),
     })
+}
+
+/// Builds the query of [`Store::list`], after `prefix` (such as `EXPLAIN QUERY PLAN `).
+///
+/// Every filter reads an index in id order, so a page stops after `limit`
+/// matching rows without sorting: `jobs_status (status, id)`,
+/// `jobs_plugin_method (plugin, method, id)`, or the rowid, checking the
+/// other conditions on each row. NOTE: so a rare plugin or method alone, or
+/// inside a common status, reads many rows before the page fills.
+fn list_query<'a>(prefix: &str, filter: &'a ListFilter) -> QueryBuilder<'a, Sqlite> {
+    let mut query = QueryBuilder::<Sqlite>::new(format!("{prefix}SELECT {JOB_COLUMNS} FROM jobs WHERE 1 = 1"));
+    if let Some(status) = filter.status {
+        query.push(" AND status = ").push_bind(status.as_str());
+    }
+    match (&filter.plugin, &filter.method) {
+        (Some(plugin), Some(method)) => {
+            query.push(" AND plugin = ").push_bind(plugin).push(" AND method = ").push_bind(method);
+        }
+        // The (plugin, method, id) index would give this plugin's rows in
+        // method order, to be sorted in full; the rowid walk stops after a page.
+        (Some(plugin), None) => {
+            query.push(" AND +plugin = ").push_bind(plugin);
+        }
+        (None, Some(method)) => {
+            query.push(" AND method = ").push_bind(method);
+        }
+        (None, None) => {}
+    }
+    if let Some(before_id) = filter.before_id {
+        query.push(" AND id < ").push_bind(before_id);
+    }
+    query.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(filter.limit));
+    query
 }
 
 #[async_trait::async_trait]
@@ -653,21 +685,7 @@ impl Store for SqliteStore {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>, StoreError> {
-        let mut query = QueryBuilder::<Sqlite>::new(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1 = 1"));
-        if let Some(status) = filter.status {
-            query.push(" AND status = ").push_bind(status.as_str());
-        }
-        if let Some(plugin) = &filter.plugin {
-            query.push(" AND plugin = ").push_bind(plugin);
-        }
-        if let Some(method) = &filter.method {
-            query.push(" AND method = ").push_bind(method);
-        }
-        if let Some(before_id) = filter.before_id {
-            query.push(" AND id < ").push_bind(before_id);
-        }
-        query.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(filter.limit));
-        let rows = query.build().fetch_all(&self.pool).await?;
+        let rows = list_query("", filter).build().fetch_all(&self.pool).await?;
         rows.iter().map(job_from_row).collect()
     }
 
@@ -713,9 +731,28 @@ impl Store for SqliteStore {
     }
 
     async fn counts(&self) -> Result<Vec<(Status, u64)>, StoreError> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetch_all(&self.pool).await?;
-        counts_of(rows)
+        // Succeeded jobs pile up until they are pruned, so they are counted
+        // as the total minus the other statuses. A bare COUNT(*) takes
+        // SQLite's fast path, which counts cells page by page, about five
+        // times faster than a range count of the same rows; the other
+        // statuses are range counts on the (status, id) index. The read
+        // transaction makes all of it one snapshot.
+        let mut read = self.pool.begin().await?;
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs").fetch_one(&mut *read).await?;
+        let mut counts = Vec::with_capacity(Status::ALL.len());
+        let mut others = 0;
+        for status in Status::ALL.into_iter().filter(|status| *status != Status::Succeeded) {
+            let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs INDEXED BY jobs_status WHERE status = ?1")
+                .bind(status.as_str())
+                .fetch_one(&mut *read)
+                .await?;
+            others += count;
+            counts.push((status, count as u64));
+        }
+        read.rollback().await?;
+        let succeeded = (total - others).max(0) as u64;
+        counts.insert(Status::ALL.iter().position(|status| *status == Status::Succeeded).unwrap_or(0), (Status::Succeeded, succeeded));
+        Ok(counts)
     }
 
     async fn prune(&self, age: Duration) -> Result<u64, StoreError> {
@@ -747,6 +784,13 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(deleted)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        // Reads the jobs table, not just `SELECT 1`, so that a file whose
+        // schema is gone or damaged fails the check.
+        sqlx::query("SELECT id FROM jobs LIMIT 1").fetch_optional(&self.pool).await?;
+        Ok(())
     }
 
     async fn cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError> {
@@ -841,5 +885,46 @@ impl Store for SqliteStore {
 
     async fn subscribe(&self) -> Result<WakeSubscription, StoreError> {
         Ok(WakeSubscription::Socket(WakeListener::bind(&self.path)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every list filter the dashboard offers must read an index in id order:
+    /// a full scan with a sort would make each page cost the whole table.
+    #[tokio::test]
+    async fn list_queries_use_an_index_without_sorting() {
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let store = SqliteStore::open(&folder.path().join("jobs.db"), Synchronous::Normal, true).await.expect("open");
+        store.migrate().await.expect("migrate");
+        let text = |value: &str| Some(value.to_owned());
+        let filters = [
+            ListFilter { limit: 50, ..ListFilter::default() },
+            ListFilter { before_id: Some(500), limit: 50, ..ListFilter::default() },
+            ListFilter { status: Some(Status::Failed), limit: 50, ..ListFilter::default() },
+            ListFilter { status: Some(Status::Failed), before_id: Some(500), limit: 50, ..ListFilter::default() },
+            ListFilter { plugin: text("demo"), limit: 50, ..ListFilter::default() },
+            ListFilter { plugin: text("demo"), method: text("handle"), before_id: Some(500), limit: 50, ..ListFilter::default() },
+            ListFilter { status: Some(Status::Pending), plugin: text("demo"), method: text("handle"), limit: 50, ..ListFilter::default() },
+        ];
+        for filter in &filters {
+            let plan: Vec<String> = list_query("EXPLAIN QUERY PLAN ", filter)
+                .build()
+                .fetch_all(&store.pool)
+                .await
+                .expect("explain")
+                .iter()
+                .map(|row| row.get::<String, _>("detail"))
+                .collect();
+            let plan = plan.join("; ");
+            assert!(!plan.contains("TEMP B-TREE"), "{filter:?} sorts: {plan}");
+            let uses_index = plan.contains("USING INDEX") || plan.contains("USING INTEGER PRIMARY KEY") || plan == "SCAN jobs";
+            assert!(uses_index, "{filter:?} reads no index: {plan}");
+            if filter.status.is_some() || (filter.plugin.is_some() && filter.method.is_some()) {
+                assert!(plan.contains("SEARCH jobs USING INDEX"), "{filter:?} scans instead of searching: {plan}");
+            }
+        }
     }
 }
