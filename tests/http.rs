@@ -252,7 +252,8 @@ fn cross_site_posts_are_rejected() {
     let page = http(address, "GET", &format!("/jobs/{id}"), &[], "").body;
     let csrf = page.split("name=\"csrf\" value=\"").nth(1).and_then(|rest| rest.split('"').next()).expect("the page has a csrf field").to_owned();
 
-    let cases: [(&str, Vec<(&str, &str)>, String); 5] = [
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, String);
+    let cases: [Case; 5] = [
         ("another origin", vec![form, ("Origin", "http://evil.example")], format!("csrf={csrf}")),
         ("another port", vec![form, ("Origin", "http://127.0.0.1:1")], format!("csrf={csrf}")),
         ("a cross-site fetch", vec![form, ("Sec-Fetch-Site", "cross-site")], format!("csrf={csrf}")),

@@ -15,7 +15,7 @@ use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, Env};
@@ -24,8 +24,9 @@ use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(30);
 
-/// One browser test at a time in this process.
-static BROWSER_TURN: Mutex<()> = Mutex::new(());
+/// One browser test at a time in this process. Each test has its own
+/// runtime; tokio's mutex works across runtimes and is never poisoned.
+static BROWSER_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ---------------------------------------------------------------------------
 // Harness
@@ -146,7 +147,7 @@ where
         eprintln!("skipping {name}: {message}");
         return;
     };
-    let _turn = BROWSER_TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _turn = BROWSER_TURN.lock().await;
 
     let mut daemon: Daemon = env.start_daemon(&[]);
     let address = daemon.http_address();

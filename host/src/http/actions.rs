@@ -149,10 +149,13 @@ pub async fn retry(state: &AppState, id: JobId) -> Result<Retried, ActionError> 
     }
 }
 
+/// Counts per status, with the time they were read.
+type TimedCounts = (Instant, Vec<(Status, u64)>);
+
 /// Counts per status, shared by every request for [`COUNTS_MAX_AGE`].
 #[derive(Default)]
 pub struct CountsCache {
-    latest: Mutex<Option<(Instant, Vec<(Status, u64)>)>>,
+    latest: Mutex<Option<TimedCounts>>,
 }
 
 impl CountsCache {

@@ -65,9 +65,9 @@ fn layout(title: &str, section: Section, body: Markup) -> Markup {
                 header.top {
                     a.brand href="/" { "jobhost" }
                     nav {
-                        a.active[section == Section::Dashboard] href="/" { "Dashboard" }
-                        a.active[section == Section::Plugins] href="/plugins" { "Plugins" }
-                        a.active[section == Section::TestPanel] href="/test-jobs" { "Test panel" }
+                        a class=[(section == Section::Dashboard).then_some("active")] href="/" { "Dashboard" }
+                        a class=[(section == Section::Plugins).then_some("active")] href="/plugins" { "Plugins" }
+                        a class=[(section == Section::TestPanel).then_some("active")] href="/test-jobs" { "Test panel" }
                         a href="/metrics" { "Metrics" }
                     }
                 }
@@ -109,13 +109,13 @@ fn csrf_field(state: &AppState) -> Markup {
 }
 
 /// Rejects a form post without the right `csrf` field.
-fn check_csrf(state: &AppState, form: &HashMap<String, String>) -> Result<(), Response> {
+fn check_csrf(state: &AppState, form: &HashMap<String, String>) -> Result<(), Box<Response>> {
     match form.get("csrf") {
         Some(submitted) if state.csrf.matches(submitted) => Ok(()),
-        _ => Err(error_page(
+        _ => Err(Box::new(error_page(
             StatusCode::FORBIDDEN,
             "the form is missing its security token, or it is from an earlier run of the daemon; reload the page and try again",
-        )),
+        ))),
     }
 }
 
@@ -246,7 +246,7 @@ fn bulk_notice(query: &HashMap<String, String>) -> Option<String> {
 pub async fn bulk_action(State(state): State<Arc<AppState>>, Form(form): Form<Vec<(String, String)>>) -> Response {
     let fields: HashMap<String, String> = form.iter().filter(|(key, _)| key != "id").cloned().collect();
     if let Err(response) = check_csrf(&state, &fields) {
-        return response;
+        return *response;
     }
     let action = fields.get("action").map(String::as_str).unwrap_or("");
     if action != "cancel" && action != "retry" {
@@ -510,7 +510,7 @@ pub async fn retry(State(state): State<Arc<AppState>>, Path(id): Path<String>, F
 
 async fn job_action(state: &AppState, id: &str, form: &HashMap<String, String>, done: &str) -> Response {
     if let Err(response) = check_csrf(state, form) {
-        return response;
+        return *response;
     }
     let Some(id) = id.parse::<JobId>().ok().filter(|id| *id > 0) else {
         return error_page(StatusCode::BAD_REQUEST, &format!("invalid job id {id:?}: use a whole number above 0"));
@@ -684,7 +684,7 @@ pub async fn test_panel(State(state): State<Arc<AppState>>) -> Response {
 /// `POST /test-jobs/{kind}`: dispatches one test job and shows what happened.
 pub async fn run_test_job(State(state): State<Arc<AppState>>, Path(kind): Path<String>, Form(form): Form<HashMap<String, String>>) -> Response {
     if let Err(response) = check_csrf(&state, &form) {
-        return response;
+        return *response;
     }
     let Some(test_job) = TestJob::ALL.into_iter().find(|job| job.slug() == kind) else {
         return error_page(StatusCode::NOT_FOUND, &format!("no test job {kind:?}; the test panel has basic, delayed, chained, flaky and disallowed"));

@@ -252,8 +252,8 @@ mod tests {
     fn csrf_token_matches_only_itself() {
         let token = CsrfToken::generate();
         assert_eq!(token.as_str().len(), 64);
-        assert!(token.matches(&token.as_str().to_owned()));
+        assert!(token.matches(token.as_str()));
         assert!(!token.matches(""));
-        assert!(!token.matches(&CsrfToken::generate().as_str().to_owned()));
+        assert!(!token.matches(CsrfToken::generate().as_str()));
     }
 }

@@ -51,6 +51,10 @@ impl Server {
 
     /// Serves requests until `stop` is cancelled, then lets requests in
     /// progress finish for up to [`SHUTDOWN_TIMEOUT`].
+    ///
+    /// NOTE: `axum::serve` sets no timeout for reading a request's headers,
+    /// so a client that opens many connections and sends nothing holds them
+    /// open. Bind to loopback, or put a proxy in front, where that matters.
     pub async fn serve(self, state: Arc<AppState>, stop: CancellationToken) {
         let address = self.address;
         let app = router(state);
