@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Env, TEST_HOST, build, wait_until};
+use common::{Daemon, Env, TEST_HOST, TEST_HTTP, build, wait_until};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -26,7 +26,7 @@ fn env_with_copy(methods: &[&str], extra: &str) -> (Env, PathBuf) {
 fn config_text(library: &Path, methods: &[&str], extra: &str) -> String {
     let methods: Vec<String> = methods.iter().map(|method| format!("{method:?}")).collect();
     format!(
-        "[host]{TEST_HOST}\n[[plugin]]\nname = \"demo\"\npath = {:?}\nmethods = [{}]\n{extra}\n",
+        "[host]{TEST_HOST}\n[http]{TEST_HTTP}\n[[plugin]]\nname = \"demo\"\npath = {:?}\nmethods = [{}]\n{extra}\n",
         library.display().to_string(),
         methods.join(", ")
     )
@@ -228,7 +228,7 @@ fn library_of_other_user_is_rejected() {
 #[test]
 fn older_plugin_api_is_rejected_briefly() {
     let env = Env::with_config(&format!(
-        "[host]{TEST_HOST}\n[[plugin]]\nname = \"old\"\npath = {:?}\nmethods = [\"handle\"]\n",
+        "[host]{TEST_HOST}\n[http]{TEST_HTTP}\n[[plugin]]\nname = \"old\"\npath = {:?}\nmethods = [\"handle\"]\n",
         build().old_api.display().to_string()
     ));
     let stderr = env.fails(&["check"]);
