@@ -101,7 +101,7 @@ pub enum LogLevel {
     Error,
 }
 
-/// What the host passes to every `invoke` call.
+/// Context the host passes to every `invoke` call.
 ///
 /// `host_data` is opaque to the plugin: it only hands it back to the
 /// callbacks in `callbacks`, and only during the call.
@@ -136,7 +136,7 @@ pub struct HostCallbacks {
 // What plugin authors use
 // ---------------------------------------------------------------------------
 
-/// The running job, as a method sees it.
+/// The running job, as a method observes it.
 pub struct JobContext<'a> {
     raw: &'a HostContext,
 }
@@ -147,7 +147,7 @@ impl<'a> JobContext<'a> {
         Self { raw }
     }
 
-    /// The id of the job in the jobs table.
+    /// Returns the id of the job in the jobs table.
     pub fn job_id(&self) -> i64 {
         self.raw.job_id
     }
@@ -185,7 +185,7 @@ impl<'a> JobContext<'a> {
     }
 }
 
-/// Why a method did not succeed, and what the host should do about it.
+/// Error a method returns, with what the host should do about it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobError {
     /// Run the job again, after `delay` or else after the method's configured
@@ -197,17 +197,17 @@ pub enum JobError {
 }
 
 impl JobError {
-    /// A failure worth another attempt after the configured retry delay.
+    /// Creates a failure worth another attempt after the configured retry delay.
     pub fn retry(message: impl Into<String>) -> Self {
         Self::Retry { message: message.into(), delay: None }
     }
 
-    /// A failure worth another attempt after `delay`.
+    /// Creates a failure worth another attempt after `delay`.
     pub fn retry_after(message: impl Into<String>, delay: Duration) -> Self {
         Self::Retry { message: message.into(), delay: Some(delay) }
     }
 
-    /// A failure that another attempt would not fix.
+    /// Creates a failure that another attempt would not fix.
     pub fn fatal(message: impl Into<String>) -> Self {
         Self::Fatal { message: message.into() }
     }

@@ -206,7 +206,7 @@ pub struct EventRecord {
     pub message: Option<String>,
 }
 
-/// Which jobs [`Store::list`] returns: newest first, `limit` at most, with
+/// Filter of [`Store::list`]: newest first, `limit` at most, with
 /// ids below `before_id` when it is set (keyset pagination).
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -271,7 +271,7 @@ pub enum StoreError {
     Corrupt { id: JobId, column: &'static str, value: String },
 }
 
-/// The jobs table, whatever database holds it.
+/// The jobs table, whatever database contains it.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Inserts each chain in one transaction, returning the id of each head,
@@ -287,7 +287,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Extends the leases of `owner`'s running jobs and records their
     /// progress. Returns the ids among `running` that `owner` no longer owns
-    /// (cancelled or rescued), so that their runs can be told to stop.
+    /// (cancelled or rescued), so that their runs can be asked to stop.
     async fn renew(&self, owner: &str, lease: Duration, running: &[(JobId, Option<f64>)]) -> Result<Vec<JobId>, StoreError>;
 
     /// Puts back, or fails when out of attempts, every running job whose lease

@@ -33,7 +33,7 @@ use crate::wake::{self, WakeListener};
 /// fails. Long, because a failed claim or completion is worse than a slow one.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Longest delay stored, about a century, so that `now + delay` never
+/// Maximum delay stored, about a century, so that `now + delay` never
 /// overflows SQLite's 64-bit integers.
 const MAX_DELAY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
@@ -120,7 +120,7 @@ impl SqliteStore {
             .map_err(|source| StoreError::Migrate { url: format!("sqlite://{}", self.path.display()), source })
     }
 
-    /// The database file.
+    /// Returns the database file.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -271,7 +271,7 @@ impl Store for SqliteStore {
         let mut heads = Vec::with_capacity(chains.len());
         let mut events = Vec::new();
 
-        // Level 0 holds every chain's head, level 1 every chain's first child,
+        // Level 0 contains every chain's head, level 1 every chain's first child,
         // and so on; each level is one INSERT, with parents from the level before.
         let mut parents: Vec<Option<JobId>> = vec![None; chains.len()];
         let depth = chains.iter().map(|chain| chain.then.len() + 1).max().unwrap_or(0);
