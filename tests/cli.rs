@@ -164,9 +164,11 @@ methods = ["handle", "resize", "update"]
         let problems: Vec<&str> = stderr.lines().filter(|line| line.starts_with("error: ")).collect();
         assert_eq!(problems.len(), 4, "{stderr}");
         assert!(problems[0].contains(&format!("jobs.toml:5: plugin \"gone\": library {} does not exist", missing.display())), "{stderr}");
-        assert!(problems[1].contains("plugin \"text\"") && problems[1].contains("cannot be loaded as a shared library"), "{stderr}");
+        assert!(problems[1].contains("plugin \"text\""), "{stderr}");
+        assert!(problems[1].contains("cannot be loaded as a shared library"), "{stderr}");
         assert!(problems[2].contains(&format!("plugin \"libm\": {plain_library} is not a jobhost plugin")), "{stderr}");
-        assert!(problems[3].contains("method \"resize\" is whitelisted but") && problems[3].contains("does not export it"), "{stderr}");
+        assert!(problems[3].contains("method \"resize\" is whitelisted but"), "{stderr}");
+        assert!(problems[3].contains("does not export it"), "{stderr}");
     }
     assert!(!env.database().exists(), "a daemon that cannot start writes nothing");
 }
@@ -198,7 +200,8 @@ fn show_json_has_the_job_object() {
     assert_eq!(job["status"], "pending");
     assert_eq!(job["max_attempts"], 3);
     let run_at = job["run_at"].as_str().unwrap();
-    assert!(run_at.ends_with('Z') && run_at.contains('T'), "run_at is RFC 3339 UTC: {run_at}");
+    assert!(run_at.ends_with('Z'), "run_at is in UTC: {run_at}");
+    assert!(run_at.contains('T'), "run_at is RFC 3339: {run_at}");
 
     let listed: serde_json::Value = serde_json::from_str(&env.ok(&["list", "--json"])).unwrap();
     let listed = &listed.as_array().unwrap()[0];

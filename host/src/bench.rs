@@ -230,6 +230,7 @@ async fn drain_with_processes(config_path: &Path, client: &Client, jobs: usize, 
     let bar = progress_bar(jobs as u64, "drain");
     let watcher = watch_progress(client, &bar, succeeded_before);
     let exe = std::env::current_exe().map_err(BenchError::setup)?;
+
     let started = Instant::now();
     let mut children = Vec::with_capacity(daemons);
     for _ in 0..daemons {
@@ -242,6 +243,7 @@ async fn drain_with_processes(config_path: &Path, client: &Client, jobs: usize, 
             .map_err(BenchError::setup)?;
         children.push(child);
     }
+
     for mut child in children {
         let status = child.wait().await.map_err(BenchError::setup)?;
         if !status.success() {
@@ -251,6 +253,7 @@ async fn drain_with_processes(config_path: &Path, client: &Client, jobs: usize, 
     let drain_time = started.elapsed();
     watcher.abort();
     bar.finish_and_clear();
+
     let done = succeeded(client).await? - succeeded_before;
     if done != jobs as u64 {
         return Err(BenchError::Setup(format!("{daemons} daemons ran {done} of {jobs} jobs")));

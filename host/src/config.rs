@@ -142,7 +142,7 @@ impl HttpSettings {
     }
 }
 
-/// Database that holds the jobs table.
+/// Database that contains the jobs table.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Database {
     /// A SQLite file, resolved against the folder of jobs.toml.

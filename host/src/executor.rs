@@ -7,8 +7,8 @@
 //! `concurrency` threads take runs from one queue, so a burst of short jobs
 //! costs no thread hand-off per job. A run with a `timeout` gets a watchdog
 //! task. Whichever of the two finishes the run first reports it (see
-//! [`RunState::finish`]); when the watchdog wins, the job is reported as
-//! timed out, the run is told to stop, and a new thread replaces the one
+//! [`RunState::finish`]). When the watchdog wins, the job is reported as
+//! timed out and the run is asked to stop. A new thread then replaces the one
 //! still inside the method, which exits once the method returns.
 //!
 //! The plugin reaches back into the host only through [`HostCallbacks`],
@@ -77,7 +77,7 @@ impl RunState {
         }
     }
 
-    /// Tells the run to stop. Returns false if it had been told already.
+    /// Asks the run to stop. Returns false if it had been asked already.
     pub fn cancel(&self) -> bool {
         !self.cancelled.swap(true, Ordering::Relaxed)
     }

@@ -19,7 +19,7 @@
 //! 1. Stop claiming.
 //! 2. Jobs claimed but not started are handed back at once.
 //! 3. Running jobs get `shutdown_grace` to finish; their results are written.
-//! 4. Runs still going are told to stop and handed back as pending, without
+//! 4. Runs still going are asked to stop and handed back as pending, without
 //!    charging an attempt. The lease keeper runs until here, so that no lease
 //!    expires while its job may still finish.
 //! 5. The completion writer drains what it has, then the daemon returns.

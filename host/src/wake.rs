@@ -71,7 +71,7 @@ impl WakeSubscription {
     /// Waits for the next wake-up.
     ///
     /// A PostgreSQL listener whose connection was lost reconnects on the next
-    /// call; notifications sent meanwhile are lost, so the loss itself is
+    /// call. Notifications sent meanwhile are lost, so the loss itself is
     /// returned as a [`Wake::Dispatched`], and the daemon looks for due jobs.
     pub async fn recv(&mut self) -> Result<Wake, String> {
         match self {
@@ -121,7 +121,7 @@ impl WakeListener {
         let mut buffer = [0u8; 64];
         let received = self.socket.recv(&mut buffer).await?;
         let mut wake = Wake::from_byte(buffer[..received].first().copied().unwrap_or(b'd'));
-        // Of several queued wake-ups, the one that asks for more wins: a
+        // Of several queued wake-ups, the one that requests more wins: a
         // reload or a cancel also makes the daemon look for due jobs.
         while let Ok(received) = self.socket.try_recv(&mut buffer) {
             let next = Wake::from_byte(buffer[..received].first().copied().unwrap_or(b'd'));

@@ -127,7 +127,7 @@ methods = ["sha256", "gzip"]
         Self::with_config(&format!("[host]{host}\n[http]\n{http}\n{plugins}"))
     }
 
-    /// A folder whose jobs.toml is exactly `text`.
+    /// Creates a folder whose jobs.toml is exactly `text`.
     pub fn with_config(text: &str) -> Self {
         let dir = tempfile::Builder::new().prefix("jobhost-test-").tempdir().expect("temporary folder");
         let config = dir.path().join("jobs.toml");
@@ -149,7 +149,7 @@ methods = ["sha256", "gzip"]
         Some(env)
     }
 
-    /// The URL of this environment's PostgreSQL schema, without any proxy.
+    /// Returns the URL of this environment's PostgreSQL schema, without any proxy.
     pub fn postgres_url(&self) -> String {
         self.schema.as_ref().expect("a PostgreSQL environment").url()
     }
@@ -397,7 +397,7 @@ impl Drop for Daemon {
     }
 }
 
-/// Polls `condition` every 20 ms until it holds or `timeout` passes.
+/// Polls `condition` every 20 ms until it is true or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {

@@ -304,8 +304,8 @@ pub trait Store: Send + Sync + 'static {
     /// When the next pending job becomes due, if any is pending.
     async fn next_due(&self) -> Result<Option<Timestamp>, StoreError>;
 
-    /// How long until the next pending job is due (zero if one is due now),
-    /// measured on the clock that decides whether a job is due.
+    /// Returns how long until the next pending job is due (zero if one is
+    /// due now), measured on the clock that decides whether a job is due.
     async fn until_next_due(&self) -> Result<Option<Duration>, StoreError> {
         Ok(self.next_due().await?.map(|next| next.since(Timestamp::now())))
     }
@@ -323,7 +323,7 @@ pub trait Store: Send + Sync + 'static {
     /// job stays while a job chained to it is still there.
     async fn prune(&self, age: Duration) -> Result<u64, StoreError>;
 
-    /// Checks that the database answers a read of the jobs table, for health checks.
+    /// Checks that the database returns a read of the jobs table, for health checks.
     async fn ping(&self) -> Result<(), StoreError>;
 
     /// Cancels a job that has not ended, and its chained descendants.
