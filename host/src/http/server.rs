@@ -61,9 +61,12 @@ impl Server {
         let serving = axum::serve(self.listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
         let mut serving = std::pin::pin!(serving.into_future());
         tokio::select! {
+            // Serving ends with Ok only after `stop`, when both branches may
+            // be ready at once, so this branch reports a clean stop too.
             result = &mut serving => {
-                if let Err(error) = result {
-                    tracing::error!(target: "jobhost::http", %error, %address, "the HTTP server failed");
+                match result {
+                    Ok(()) => tracing::info!(target: "jobhost::http", %address, "HTTP server stopped"),
+                    Err(error) => tracing::error!(target: "jobhost::http", %error, %address, "the HTTP server failed"),
                 }
                 return;
             }
