@@ -53,6 +53,13 @@ pub struct BenchArgs {
     /// Daemon processes sharing the queue in the second drain; 0 or 1 skips it.
     #[arg(long, default_value_t = 3)]
     daemons: usize,
+    /// Where the no-op jobs run: process (worker processes) or inprocess.
+    #[arg(long, default_value = "process", value_parser = ["process", "inprocess"])]
+    isolation: String,
+    /// Replace each worker process after this many jobs; 1 starts a process
+    /// per job, as runners without long-lived workers do.
+    #[arg(long)]
+    max_jobs_per_worker: Option<u64>,
     /// Connections per daemon to PostgreSQL.
     #[arg(long, default_value_t = 10)]
     pool_size: u32,
@@ -115,16 +122,19 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         None => ("sqlite://bench.db".to_owned(), format!("SQLite (synchronous = {})", synchronous.as_str())),
     };
     let config_path = folder.path().join("jobs.toml");
+    let max_jobs_per_worker = args.max_jobs_per_worker.map(|count| format!("max_jobs_per_worker = {count}\n")).unwrap_or_default();
     std::fs::write(
         &config_path,
         format!(
-            "[host]\ndatabase = {database:?}\nconcurrency = {}\nprefetch = {}\npool_size = {}\nsynchronous = \"{}\"\nlog_dir = \"logs\"\n\n\
+            "[host]\ndatabase = {database:?}\nconcurrency = {}\nprefetch = {}\npool_size = {}\nsynchronous = \"{}\"\nlog_dir = \"logs\"\n\
+             isolation = \"{}\"\n{max_jobs_per_worker}\n\
              [http]\nbind = \"127.0.0.1:0\"\n\n\
              [[plugin]]\nname = \"demo\"\npath = {:?}\nmethods = [\"noop\", \"handle\"]\n",
             args.concurrency,
             args.prefetch,
             args.pool_size,
             synchronous.as_str(),
+            args.isolation,
             plugin.display().to_string()
         ),
     )
@@ -146,8 +156,14 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
 
     println!("jobhost bench: {} no-op jobs on {backend}", args.jobs);
     println!("machine: {}", machine());
+    let workers = match (args.isolation.as_str(), args.max_jobs_per_worker) {
+        ("inprocess", _) => "jobs run in-process".to_owned(),
+        (_, Some(1)) => "each job runs in a new worker process".to_owned(),
+        (_, Some(count)) => format!("jobs run in worker processes, each replaced after {count} jobs"),
+        (_, None) => "jobs run in long-lived worker processes".to_owned(),
+    };
     println!(
-        "daemon: concurrency {}, prefetch {}; history recorded; jobs.log written",
+        "daemon: concurrency {}, prefetch {}; {workers}; history recorded; jobs.log written",
         args.concurrency, args.prefetch
     );
 

@@ -116,6 +116,9 @@ pub enum Command {
     /// Internal: dispatch jobs one by one for the latency benchmark.
     #[command(hide = true)]
     BenchDispatcher(crate::bench::DispatcherArgs),
+    /// Internal: a worker process of the daemon, which runs the jobs it is sent.
+    #[command(hide = true)]
+    Worker(crate::worker::WorkerArgs),
 }
 
 /// An error for the user: printed as `error: ...` lines, exit status 1.
@@ -161,6 +164,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Plugins { json } => plugins(&cli.config, json),
         Command::Bench(args) => crate::bench::run(args).await.map_err(Failure::from),
         Command::BenchDispatcher(args) => crate::bench::dispatcher(&cli.config, args).await.map_err(Failure::from),
+        Command::Worker(args) => return crate::worker::serve(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -74,6 +74,9 @@ pub struct HostSettings {
     pub library_cache: PathBuf,
     /// SQLite `synchronous` pragma. Default: `normal`.
     pub synchronous: Synchronous,
+    /// Jobs a worker process runs before it is replaced by a fresh one.
+    /// Default: none (a worker runs until it dies or the daemon stops).
+    pub max_jobs_per_worker: Option<u64>,
 }
 
 /// The `[http]` table: the dashboard, test panel, JSON API and metrics that
@@ -233,6 +236,11 @@ pub struct MethodSettings {
     pub max_retry_delay: Duration,
     /// Maximum run time before a run counts as failed. Default: none.
     pub timeout: Option<Duration>,
+    /// Where the method runs: in a worker process, or in the daemon. Default: process.
+    pub isolation: Isolation,
+    /// Cap on the memory of the worker processes that run the method, in
+    /// bytes. Default: none.
+    pub memory_limit: Option<u64>,
 }
 
 impl Default for MethodSettings {
@@ -243,6 +251,8 @@ impl Default for MethodSettings {
             backoff: Backoff::Fixed,
             max_retry_delay: DEFAULT_MAX_RETRY_DELAY,
             timeout: None,
+            isolation: Isolation::Process,
+            memory_limit: None,
         }
     }
 }
@@ -273,6 +283,30 @@ pub enum Backoff {
     /// `retry_delay`, then twice that, four times, and so on up to `max_retry_delay`.
     Exponential,
 }
+
+/// Where a method runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// In a long-lived worker process: a crash, an endless loop or runaway
+    /// memory kills only that worker, and timeouts and cancels kill it.
+    Process,
+    /// On a thread of the daemon: no hand-off, but a crash takes the daemon
+    /// down, and a timed-out method can only be asked to stop.
+    InProcess,
+}
+
+impl Isolation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Process => "process",
+            Self::InProcess => "inprocess",
+        }
+    }
+}
+
+/// Smallest `memory_limit` accepted: a worker needs about this much to start
+/// and load a plugin before the job's own allocations count.
+pub const MIN_MEMORY_LIMIT: u64 = 32 << 20;
 
 impl Config {
     /// Reads and validates the jobs.toml at `path`.
@@ -418,6 +452,7 @@ struct RawHost {
     log_dir: Option<String>,
     library_cache: Option<String>,
     synchronous: Option<Synchronous>,
+    max_jobs_per_worker: Option<Spanned<i64>>,
     // The method settings that `[host]` sets for every plugin. They are
     // spelled out, not flattened, because serde cannot combine
     // `flatten` with `deny_unknown_fields`.
@@ -426,6 +461,8 @@ struct RawHost {
     backoff: Option<Spanned<String>>,
     max_retry_delay: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
+    isolation: Option<Spanned<String>>,
+    memory_limit: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -444,6 +481,8 @@ struct RawPlugin {
     backoff: Option<Spanned<String>>,
     max_retry_delay: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
+    isolation: Option<Spanned<String>>,
+    memory_limit: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -454,6 +493,8 @@ struct RawMethodSettings {
     backoff: Option<Spanned<String>>,
     max_retry_delay: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
+    isolation: Option<Spanned<String>>,
+    memory_limit: Option<Spanned<String>>,
 }
 
 /// Copies the method settings a `[host]` or `[[plugin]]` table sets.
@@ -465,6 +506,8 @@ macro_rules! method_settings_of {
             backoff: $table.backoff.clone(),
             max_retry_delay: $table.max_retry_delay.clone(),
             timeout: $table.timeout.clone(),
+            isolation: $table.isolation.clone(),
+            memory_limit: $table.memory_limit.clone(),
         }
     };
 }
@@ -515,6 +558,9 @@ fn validate(source: &Source<'_>, raw: RawConfig, problems: &mut Vec<Problem>) ->
     }
     let shutdown_grace = duration_setting(source, "shutdown_grace", host.shutdown_grace.as_ref(), true, problems)
         .unwrap_or(Duration::from_secs(10));
+
+    let max_jobs_per_worker =
+        positive_count(source, "max_jobs_per_worker", host.max_jobs_per_worker.as_ref(), 1, i64::MAX, problems).map(|count| count as u64);
 
     let log_dir = folder.join(host.log_dir.as_deref().unwrap_or("logs"));
     let library_cache = folder.join(host.library_cache.as_deref().unwrap_or(".jobhost/libraries"));
@@ -602,6 +648,7 @@ fn validate(source: &Source<'_>, raw: RawConfig, problems: &mut Vec<Problem>) ->
             log_dir,
             library_cache,
             synchronous: host.synchronous.unwrap_or(Synchronous::Normal),
+            max_jobs_per_worker,
         },
         plugins,
     }
@@ -753,7 +800,59 @@ fn method_settings(
             other => problems.push(source.problem(&value.span(), format!("backoff = {other:?} is unknown; use \"fixed\" or \"exponential\""))),
         }
     }
+    if let Some(value) = &raw.isolation {
+        match value.get_ref().as_str() {
+            "process" => settings.isolation = Isolation::Process,
+            "inprocess" => settings.isolation = Isolation::InProcess,
+            other => problems.push(source.problem(&value.span(), format!("isolation = {other:?} is unknown; use \"process\" or \"inprocess\""))),
+        }
+    }
+    if let Some(value) = &raw.memory_limit {
+        match parse_memory_limit(value.get_ref()) {
+            Ok(bytes) => settings.memory_limit = Some(bytes),
+            Err(message) => problems.push(source.problem(&value.span(), format!("memory_limit = {:?}: {message}", value.get_ref()))),
+        }
+    }
+    if settings.isolation == Isolation::InProcess
+        && let Some(limit) = settings.memory_limit
+        && let Some(span) = raw.isolation.as_ref().or(raw.memory_limit.as_ref()).map(Spanned::span)
+    {
+        problems.push(source.problem(
+            &span,
+            format!(
+                "memory_limit = \"{}\" cannot apply to isolation = \"inprocess\", because the daemon cannot cap the memory of one of its threads; use isolation = \"process\", or remove memory_limit",
+                format_size(limit)
+            ),
+        ));
+    }
     settings
+}
+
+/// Writes a size in bytes the way jobs.toml spells it: `"256MiB"`, `"1GiB"`, `"1500B"`.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    match UNITS.iter().find(|(unit, _)| bytes >= *unit && bytes.is_multiple_of(*unit)) {
+        Some((unit, name)) => format!("{}{name}", bytes / unit),
+        None => format!("{bytes}B"),
+    }
+}
+
+/// Parses a memory size such as `"256MiB"`, `"1 GiB"` or `"512MB"`.
+pub fn parse_memory_limit(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let bytes = trimmed
+        .parse::<bytesize::ByteSize>()
+        .ok()
+        .filter(|_| trimmed.starts_with(|character: char| character.is_ascii_digit()))
+        .ok_or_else(|| "not a memory size; use a number with a unit, such as \"256MiB\" or \"2GiB\"".to_owned())?
+        .as_u64();
+    if bytes < MIN_MEMORY_LIMIT {
+        return Err(format!(
+            "is below the minimum of {}, which a worker needs to start; use \"64MiB\" or more",
+            format_size(MIN_MEMORY_LIMIT)
+        ));
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -835,6 +934,110 @@ max_attempts = 0
         for expected in expected_lines {
             assert!(found.iter().any(|problem| problem.contains(expected)), "no problem at {expected} in {found:#?}");
         }
+    }
+
+    #[test]
+    fn isolation_and_memory_limit_inherit() {
+        let config = parse(
+            r#"
+            [host]
+            memory_limit = "1GiB"
+            max_jobs_per_worker = 500
+
+            [[plugin]]
+            name = "demo"
+            path = "libdemo.so"
+            methods = ["a", "b", "c"]
+
+            [plugin.method.b]
+            memory_limit = "256 MiB"
+
+            [plugin.method.c]
+            isolation = "inprocess"
+            memory_limit = "0"
+            "#,
+        );
+        // "0" is below the minimum, and the inherited limit cannot apply in-process.
+        let found = config.expect_err("c is invalid").problems();
+        assert_eq!(found.len(), 2, "{found:#?}");
+        assert!(found.iter().any(|problem| problem.starts_with("/srv/jobs.toml:16: memory_limit = \"0\": is below the minimum of 32MiB")), "{found:#?}");
+        assert!(
+            found.iter().any(|problem| problem.starts_with("/srv/jobs.toml:15: memory_limit = \"1GiB\" cannot apply to isolation = \"inprocess\"")),
+            "{found:#?}"
+        );
+
+        let config = parse(
+            r#"
+            [host]
+            memory_limit = "1GiB"
+            max_jobs_per_worker = 500
+
+            [[plugin]]
+            name = "demo"
+            path = "libdemo.so"
+            methods = ["a", "b"]
+            isolation = "process"
+
+            [plugin.method.b]
+            memory_limit = "256 MiB"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.host.max_jobs_per_worker, Some(500));
+        let plugin = config.plugin("demo").unwrap();
+        assert_eq!(plugin.methods["a"].isolation, Isolation::Process);
+        assert_eq!(plugin.methods["a"].memory_limit, Some(1 << 30));
+        assert_eq!(plugin.methods["b"].memory_limit, Some(256 << 20));
+        assert_eq!(MethodSettings::default().isolation, Isolation::Process, "process isolation is the default");
+    }
+
+    #[test]
+    fn isolation_problems_name_their_lines() {
+        let mut found = problems(
+            r#"[host]
+isolation = "thread"
+max_jobs_per_worker = 0
+
+[[plugin]]
+name = "demo"
+path = "a.so"
+methods = ["x", "y"]
+memory_limit = "lots"
+
+[plugin.method.y]
+isolation = "inprocess"
+"#,
+        );
+        found.sort();
+        assert_eq!(
+            found,
+            vec![
+                "/srv/jobs.toml:2: isolation = \"thread\" is unknown; use \"process\" or \"inprocess\"".to_owned(),
+                "/srv/jobs.toml:3: max_jobs_per_worker = 0 is out of range; use a whole number from 1 to 9223372036854775807".to_owned(),
+                "/srv/jobs.toml:9: memory_limit = \"lots\": not a memory size; use a number with a unit, such as \"256MiB\" or \"2GiB\"".to_owned(),
+            ]
+        );
+
+        let found = problems("[[plugin]]\nname = \"demo\"\npath = \"a.so\"\nmethods = [\"x\"]\nmemory_limit = \"64MiB\"\n\n[plugin.method.x]\nisolation = \"inprocess\"\n");
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].starts_with("/srv/jobs.toml:8: memory_limit = \"64MiB\" cannot apply to isolation = \"inprocess\""),
+            "{}",
+            found[0]
+        );
+    }
+
+    #[test]
+    fn memory_sizes_parse_and_print_alike() {
+        assert_eq!(parse_memory_limit("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_memory_limit(" 2 GiB "), Ok(2 << 30));
+        assert_eq!(parse_memory_limit("512MB"), Ok(512_000_000));
+        assert!(parse_memory_limit("-5MiB").is_err());
+        assert!(parse_memory_limit("MiB").is_err());
+        assert_eq!(format_size(256 << 20), "256MiB");
+        assert_eq!(format_size(3 << 30), "3GiB");
+        assert_eq!(format_size(512_000_000), "500000KiB");
+        assert_eq!(format_size(1000), "1000B");
     }
 
     #[test]

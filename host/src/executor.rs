@@ -1,22 +1,27 @@
-//! Running claimed jobs in-process: a pool of worker threads, the call
-//! across the plugin ABI, the host callbacks the plugin calls, timeouts, and
-//! the retry policy applied to each result.
+//! Running claimed jobs: a pool of worker threads, the call across the
+//! plugin ABI, the host callbacks the plugin calls, timeouts, and the retry
+//! policy applied to each result.
 //!
 //! # Worker pool
 //!
 //! `concurrency` threads take runs from one queue, so a burst of short jobs
-//! costs no thread hand-off per job. A run with a `timeout` gets a watchdog
-//! task. Whichever of the two finishes the run first reports it (see
-//! [`RunState::finish`]). When the watchdog wins, the job is reported as
-//! timed out and the run is asked to stop. A new thread then replaces the one
-//! still inside the method, which exits once the method returns.
+//! costs no thread hand-off per job. A thread runs an in-process method
+//! itself, and hands a process-isolated one to a worker process
+//! ([`crate::isolation`]), waiting for its reply.
+//!
+//! A run with a `timeout` gets a watchdog task. Whichever of the two
+//! finishes the run first reports it (see [`RunState::finish`]). When the
+//! watchdog wins, the job is reported as timed out and the run is cancelled:
+//! a worker process is killed; an in-process method is asked to stop, and a
+//! new thread replaces the one still inside it, which exits once the method
+//! returns.
 //!
 //! The plugin reaches back into the host only through [`HostCallbacks`],
 //! with a pointer to the [`RunState`] of its job, which outlives the call.
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -25,7 +30,8 @@ use abi_stable::prefix_type::PrefixTypeTrait;
 use abi_stable::std_types::RStr;
 use jobhost_plugin_api::{HostCallbacks, HostCallbacksRef, HostContext, LogLevel, Outcome};
 
-use crate::config::MethodSettings;
+use crate::config::{Isolation, MethodSettings};
+use crate::isolation::{Ended, WorkerProcesses};
 use crate::registry::LoadedPlugin;
 use crate::store::{ClaimedJob, FinishedOutcome, JobId};
 
@@ -42,6 +48,8 @@ pub struct RunState {
     progress: AtomicU64,
     /// Set by the first to report the run's end: its worker or its watchdog.
     finished: AtomicBool,
+    /// The worker process running the job, while it does.
+    worker: Mutex<Option<u32>>,
 }
 
 const NO_PROGRESS: u64 = u64::MAX;
@@ -56,6 +64,7 @@ impl RunState {
             cancelled: AtomicBool::new(false),
             progress: AtomicU64::new(NO_PROGRESS),
             finished: AtomicBool::new(false),
+            worker: Mutex::new(None),
         })
     }
 
@@ -77,9 +86,46 @@ impl RunState {
         }
     }
 
-    /// Asks the run to stop. Returns false if it had been asked already.
+    /// Records a progress report, from 0.0 to 1.0.
+    pub fn set_progress(&self, fraction: f64) {
+        if fraction.is_finite() {
+            self.progress.store(fraction.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    /// Stops the run: kills its worker process, or asks an in-process
+    /// method to stop. Returns false if it had been cancelled already.
     pub fn cancel(&self) -> bool {
-        !self.cancelled.swap(true, Ordering::Relaxed)
+        let first = !self.cancelled.swap(true, Ordering::AcqRel);
+        // The lock keeps the pid from being reaped, and reused, during the kill.
+        if let Some(pid) = *self.worker.lock().unwrap() {
+            kill(pid);
+        }
+        first
+    }
+
+    /// Records that worker process `pid` now runs the job; kills it at once
+    /// if the run was cancelled before.
+    pub fn attach(&self, pid: u32) {
+        let mut worker = self.worker.lock().unwrap();
+        *worker = Some(pid);
+        if self.cancelled.load(Ordering::Acquire) {
+            kill(pid);
+        }
+    }
+
+    /// Records that no worker process runs the job any more; call before
+    /// reaping the process.
+    pub fn detach(&self) {
+        self.worker.lock().unwrap().take();
+    }
+}
+
+fn kill(pid: u32) {
+    // SAFETY: kill only sends a signal; the pid is a child of this process
+    // that has not been reaped, so it names no other process.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
     }
 }
 
@@ -129,6 +175,8 @@ pub struct Run {
     pub plugin: Arc<LoadedPlugin>,
     pub settings: MethodSettings,
     pub state: Arc<RunState>,
+    /// How many reloads of jobs.toml came before the one `plugin` is from.
+    pub generation: u64,
 }
 
 /// Receiver of what became of each run.
@@ -141,7 +189,7 @@ pub trait RunSink: Send + Sync + 'static {
     fn not_started(&self, job: &ClaimedJob);
 }
 
-/// Threads that run queued jobs in-process.
+/// Threads that run queued jobs, in-process or through worker processes.
 pub struct WorkerPool {
     queue: Sender<Run>,
     inner: Arc<PoolInner>,
@@ -152,13 +200,17 @@ struct PoolInner {
     sink: Arc<dyn RunSink>,
     runtime: tokio::runtime::Handle,
     stopping: AtomicBool,
+    workers: Arc<WorkerProcesses>,
 }
 
 impl WorkerPool {
-    /// Starts `threads` worker threads that report to `sink`; watchdogs run on `runtime`.
-    pub fn start(threads: usize, sink: Arc<dyn RunSink>, runtime: tokio::runtime::Handle) -> Self {
+    /// Starts `threads` worker threads that report to `sink`; watchdogs run on
+    /// `runtime`. Up to `threads` worker processes start as jobs need them,
+    /// each replaced after `max_jobs_per_worker` jobs if that is set.
+    pub fn start(threads: usize, max_jobs_per_worker: Option<u64>, sink: Arc<dyn RunSink>, runtime: tokio::runtime::Handle) -> Self {
         let (queue, receiver) = crossbeam_channel::unbounded();
-        let inner = Arc::new(PoolInner { queue: receiver, sink, runtime, stopping: AtomicBool::new(false) });
+        let workers = WorkerProcesses::new(threads, max_jobs_per_worker);
+        let inner = Arc::new(PoolInner { queue: receiver, sink, runtime, stopping: AtomicBool::new(false), workers });
         for _ in 0..threads {
             inner.spawn_worker();
         }
@@ -174,12 +226,19 @@ impl WorkerPool {
     }
 
     /// Stops starting runs: queued ones are reported as not started; running
-    /// ones go on, and their threads exit when they return.
+    /// ones go on, and their threads exit when they return. Idle worker
+    /// processes exit now, busy ones after their job.
     pub fn stop(&self) {
         self.inner.stopping.store(true, Ordering::Release);
         while let Ok(run) = self.inner.queue.try_recv() {
             self.inner.sink.not_started(&run.job);
         }
+        self.inner.workers.stop();
+    }
+
+    /// Returns the pool's worker processes.
+    pub fn worker_processes(&self) -> Arc<WorkerProcesses> {
+        self.inner.workers.clone()
     }
 }
 
@@ -215,9 +274,10 @@ impl PoolInner {
         }
     }
 
-    /// Runs one job and reports it. Returns false if its watchdog reported it first.
+    /// Runs one job and reports it. Returns false if this thread must end,
+    /// because the method's watchdog reported it and started a replacement.
     fn execute(self: &Arc<Self>, run: Run) -> bool {
-        let Run { job, plugin, settings, state } = run;
+        let Run { ref job, ref settings, ref state, .. } = run;
         tracing::info!(target: "jobhost::job", job_id = job.id, plugin = %job.plugin, method = %job.method, attempt = job.attempt, "job started");
 
         let watchdog = settings.timeout.map(|timeout| {
@@ -232,14 +292,25 @@ impl PoolInner {
             done
         });
 
-        let (outcome, duration) = run_in_process(&plugin, &job, &state);
+        let started = Instant::now();
+        let ended = match settings.isolation {
+            Isolation::InProcess => Ended::Returned(run_in_process(&run.plugin, job, state).0),
+            Isolation::Process => self.workers.run(&run),
+        };
+        let duration = started.elapsed();
         if let Some(done) = watchdog {
             let _ = done.send(());
         }
         if !state.finish() {
-            return false;
+            // Reported already, by the watchdog or by shutdown. A thread that
+            // waited on a worker process was not stuck, so it carries on.
+            return settings.isolation == Isolation::Process;
         }
-        self.sink.finished(&job, apply_policy(outcome, &job, &settings), duration);
+        let outcome = match ended {
+            Ended::Returned(outcome) => apply_policy(outcome, job, settings),
+            Ended::Lost(reason) => retry_or_fail(reason, None, job, settings),
+        };
+        self.sink.finished(job, outcome, duration);
         true
     }
 
@@ -247,12 +318,13 @@ impl PoolInner {
         if !state.finish() {
             return;
         }
-        // NOTE: an in-process run cannot be killed; it is asked to stop, and
-        // its thread is replaced so that the pool keeps its size meanwhile.
+        // A worker process is killed. NOTE: an in-process run cannot be
+        // killed; it is asked to stop, and its thread is replaced so that the
+        // pool keeps its size meanwhile.
         state.cancel();
         let error = format!("timed out after {}", humantime::format_duration(timeout));
         self.sink.finished(job, retry_or_fail(error, None, job, settings), timeout);
-        if !self.stopping.load(Ordering::Acquire) {
+        if settings.isolation == Isolation::InProcess && !self.stopping.load(Ordering::Acquire) {
             self.spawn_worker();
         }
     }
@@ -279,7 +351,11 @@ unsafe fn state<'a>(host_data: *const c_void) -> &'a RunState {
 extern "C" fn log_line(host_data: *const c_void, level: LogLevel, message: RStr<'_>) {
     // SAFETY: plugins only call back with the host_data of their own context, during the call.
     let state = unsafe { state(host_data) };
-    let message = message.as_str();
+    log_plugin_line(state, level, message.as_str());
+}
+
+/// Logs a line a plugin sent about the run `state`, in-process or from its worker.
+pub(crate) fn log_plugin_line(state: &RunState, level: LogLevel, message: &str) {
     let (job_id, plugin, method, attempt) = (state.job_id, state.plugin.as_str(), state.method.as_str(), state.attempt);
     match level {
         LogLevel::Debug => tracing::debug!(target: "jobhost::plugin", job_id, plugin = %plugin, method = %method, attempt, "{message}"),
@@ -292,9 +368,7 @@ extern "C" fn log_line(host_data: *const c_void, level: LogLevel, message: RStr<
 extern "C" fn report_progress(host_data: *const c_void, fraction: f64) {
     // SAFETY: as in `log_line`.
     let state = unsafe { state(host_data) };
-    if fraction.is_finite() {
-        state.progress.store(fraction.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
-    }
+    state.set_progress(fraction);
 }
 
 extern "C" fn is_cancelled(host_data: *const c_void) -> bool {

@@ -8,6 +8,7 @@
 //! store and dispatches through the client, and never drives the daemon.
 pub mod config;
 pub mod executor;
+pub mod isolation;
 pub mod registry;
 pub mod reload;
 pub mod scheduler;
@@ -21,3 +22,4 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod view;
+pub mod worker;

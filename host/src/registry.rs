@@ -327,10 +327,20 @@ impl Drop for Snapshot {
 }
 
 /// Failure to open a library file as a plugin.
-enum OpenProblem {
+pub(crate) enum OpenProblem {
     NotALibrary(String),
     NotAPlugin,
     Other(LibraryError),
+}
+
+impl std::fmt::Display for OpenProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotALibrary(detail) => write!(f, "not a loadable library: {detail}"),
+            Self::NotAPlugin => f.write_str("not a jobhost plugin: it exports no jobhost module"),
+            Self::Other(error) => write!(f, "{error}"),
+        }
+    }
 }
 
 impl OpenProblem {
@@ -344,7 +354,7 @@ impl OpenProblem {
 }
 
 /// Loads the library at `path` through its `abi_stable` header.
-fn open_library(path: &Path) -> Result<PluginModuleRef, OpenProblem> {
+pub(crate) fn open_library(path: &Path) -> Result<PluginModuleRef, OpenProblem> {
     let header = match lib_header_from_path(path) {
         Ok(header) => header,
         Err(LibraryError::OpenError { err, .. }) => {

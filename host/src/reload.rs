@@ -43,7 +43,8 @@ pub enum Trigger {
 pub struct Live {
     /// The configuration the daemon started with; its `[host]` settings stay.
     pub started_with: Arc<Config>,
-    current: RwLock<(Arc<Config>, Arc<Registry>)>,
+    /// The configuration and plugins in use, and how many reloads led to them.
+    current: RwLock<(Arc<Config>, Arc<Registry>, u64)>,
     /// Problems of the last reload, empty when it succeeded.
     last_problems: RwLock<Vec<String>>,
     state_file: PathBuf,
@@ -55,7 +56,7 @@ impl Live {
         let state_file = state_folder(&config).join(format!("{}.json", std::process::id()));
         let live = Arc::new(Self {
             started_with: config.clone(),
-            current: RwLock::new((config, registry)),
+            current: RwLock::new((config, registry, 0)),
             last_problems: RwLock::new(Vec::new()),
             state_file,
             owner: owner.to_owned(),
@@ -67,6 +68,12 @@ impl Live {
     /// Returns the plugins in use now.
     pub fn registry(&self) -> Arc<Registry> {
         self.current.read().unwrap().1.clone()
+    }
+
+    /// Returns the plugins in use now, with the number of reloads that led to them.
+    pub fn registry_and_generation(&self) -> (Arc<Registry>, u64) {
+        let current = self.current.read().unwrap();
+        (current.1.clone(), current.2)
     }
 
     /// Returns the jobs.toml in use now.
@@ -93,7 +100,11 @@ impl Live {
         if !changed_host.is_empty() {
             warn!(target: "jobhost::daemon", settings = ?changed_host, "[host] settings changed in jobs.toml; restart the daemon to apply them");
         }
-        *self.current.write().unwrap() = (Arc::new(config), Arc::new(registry));
+        {
+            let mut current = self.current.write().unwrap();
+            let generation = current.2 + 1;
+            *current = (Arc::new(config), Arc::new(registry), generation);
+        }
         self.last_problems.write().unwrap().clear();
         self.write_state();
         info!(target: "jobhost::daemon", ?trigger, "reloaded jobs.toml and plugins");

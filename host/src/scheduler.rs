@@ -187,7 +187,7 @@ impl Daemon {
             "daemon started"
         );
 
-        let pool = WorkerPool::start(host.concurrency, shared.clone(), tokio::runtime::Handle::current());
+        let pool = WorkerPool::start(host.concurrency, host.max_jobs_per_worker, shared.clone(), tokio::runtime::Handle::current());
         rescue(&shared).await;
         claim_loop(&shared, &pool, mode, &shutdown).await;
         shut_down(&shared, &pool).await;
@@ -351,9 +351,9 @@ fn start(shared: &Arc<Shared>, pool: &WorkerPool, job: ClaimedJob) {
 
     // The whitelist is checked again here, because jobs.toml may have
     // changed since the job was dispatched.
-    let registry = shared.live.registry();
+    let (registry, generation) = shared.live.registry_and_generation();
     match registry.method(&job.plugin, &job.method) {
-        Ok((plugin, settings)) => pool.submit(Run { plugin: plugin.clone(), settings: settings.clone(), state, job }),
+        Ok((plugin, settings)) => pool.submit(Run { plugin: plugin.clone(), settings: settings.clone(), state, job, generation }),
         Err(reason) => {
             let error = format!("{reason}; the job was not run");
             complete(shared, &job, FinishedOutcome::Failed { error }, Duration::ZERO);
@@ -640,12 +640,19 @@ async fn shut_down(shared: &Arc<Shared>, pool: &WorkerPool) {
         }
     }
 
+    // Claiming each run's report first keeps a result that arrives during
+    // the hand-back, such as the failure of a killed worker, from being
+    // written over it.
     let still_running: Vec<JobId> = {
         let in_flight = shared.in_flight.lock().unwrap();
-        for state in in_flight.values() {
-            state.cancel();
-        }
-        in_flight.keys().copied().collect()
+        in_flight
+            .values()
+            .filter(|state| state.finish())
+            .map(|state| {
+                state.cancel();
+                state.job_id
+            })
+            .collect()
     };
     if !still_running.is_empty() {
         warn!(target: "jobhost::daemon", jobs = ?still_running, "shutdown grace period over; handing back jobs still running");
@@ -653,7 +660,17 @@ async fn shut_down(shared: &Arc<Shared>, pool: &WorkerPool) {
     hand_back(shared, still_running).await;
     let not_started = std::mem::take(&mut *shared.not_started.lock().unwrap());
     hand_back(shared, not_started).await;
+
+    let workers = pool.worker_processes();
+    let left = tokio::task::spawn_blocking(move || workers.wait_until_gone(WORKER_EXIT_WAIT)).await.unwrap_or(0);
+    if left > 0 {
+        warn!(target: "jobhost::daemon", worker_processes = left, "worker processes did not exit in time; they are killed when the daemon exits");
+    }
 }
+
+/// How long shutdown waits for worker processes to exit after their jobs
+/// were handed back.
+const WORKER_EXIT_WAIT: Duration = Duration::from_secs(5);
 
 async fn hand_back(shared: &Shared, ids: Vec<JobId>) {
     if ids.is_empty() {

@@ -1,5 +1,9 @@
 //! The demo plugin: small methods that show, and let the tests exercise,
-//! every way a job can go: success, retry, fatal failure, panic and delay.
+//! every way a job can go: success, retry, fatal failure, panic and delay,
+//! and the ways a plugin can take its process down: a segfault, an abort, an
+//! exit, an endless loop and unbounded allocation. Run those last ones only
+//! in isolated workers (`isolation = "process"`), and `hog` only under a
+//! `memory_limit`.
 
 use std::fs::OpenOptions;
 use std::hash::{BuildHasher, RandomState};
@@ -114,7 +118,50 @@ fn whoami(_ctx: &JobContext, _params: serde_json::Value) -> Result<String, JobEr
     Ok(path.to_string_lossy().into_owned())
 }
 
+/// Writes through a null pointer, which kills the process with SIGSEGV.
+fn segfault(_ctx: &JobContext, _params: serde_json::Value) -> Result<(), JobError> {
+    let null = std::hint::black_box(std::ptr::null_mut::<u8>());
+    // SAFETY: none; crashing is the point of this method.
+    unsafe { null.write_volatile(1) };
+    Err(JobError::fatal("the write through a null pointer did not crash"))
+}
+
+/// Aborts the process, which kills it with SIGABRT.
+fn abort(_ctx: &JobContext, _params: serde_json::Value) -> Result<(), JobError> {
+    std::process::abort();
+}
+
+/// Ends the process with the exit code given as params (default 3).
+fn exit(_ctx: &JobContext, code: Option<i32>) -> Result<(), JobError> {
+    std::process::exit(code.unwrap_or(3));
+}
+
+/// Loops forever and never checks for cancellation: only killing its
+/// process stops it.
+fn spin(ctx: &JobContext, _params: serde_json::Value) -> Result<(), JobError> {
+    ctx.log("spinning forever");
+    let mut turns = 0u64;
+    loop {
+        turns = std::hint::black_box(turns.wrapping_add(1));
+        std::hint::spin_loop();
+    }
+}
+
+/// Allocates and touches memory in 16 MiB chunks without end, so that it
+/// really occupies the memory, until allocation fails.
+fn hog(ctx: &JobContext, _params: serde_json::Value) -> Result<(), JobError> {
+    const CHUNK: usize = 16 << 20;
+    ctx.log("allocating without limit");
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    loop {
+        held.push(std::hint::black_box(vec![1u8; CHUNK]));
+    }
+}
+
 export_jobs! {
     name: "demo",
-    methods: [handle, noop, flaky, sleep, panic => panic_now, fail, update, record, whoami],
+    methods: [
+        handle, noop, flaky, sleep, panic => panic_now, fail, update, record, whoami,
+        segfault, abort, exit, spin, hog,
+    ],
 }
