@@ -118,6 +118,12 @@ fn whoami(_ctx: &JobContext, _params: serde_json::Value) -> Result<String, JobEr
     Ok(path.to_string_lossy().into_owned())
 }
 
+/// Returns the id of the process it runs in: how the tests tell the daemon
+/// from its worker processes, and one worker from the next.
+fn pid(_ctx: &JobContext, _params: serde_json::Value) -> Result<u32, JobError> {
+    Ok(std::process::id())
+}
+
 /// Writes through a null pointer, which kills the process with SIGSEGV.
 fn segfault(_ctx: &JobContext, _params: serde_json::Value) -> Result<(), JobError> {
     let null = std::hint::black_box(std::ptr::null_mut::<u8>());
@@ -162,6 +168,6 @@ export_jobs! {
     name: "demo",
     methods: [
         handle, noop, flaky, sleep, panic => panic_now, fail, update, record, whoami,
-        segfault, abort, exit, spin, hog,
+        pid, segfault, abort, exit, spin, hog,
     ],
 }
