@@ -274,3 +274,12 @@ fn workers_die_with_a_killed_daemon() {
     daemon.wait(LONG);
     assert!(wait_until(Duration::from_secs(5), || !is_alive(workers[0])), "worker {} kept spinning after the daemon died", workers[0]);
 }
+
+#[test]
+fn check_shows_where_methods_run() {
+    let env = env("", "");
+    let output = env.ok(&["check"]);
+    assert!(output.contains("  memory limits: hog 128MiB\n"), "{output}");
+    assert!(output.contains("plugin inproc 0.1.0"), "{output}");
+    assert!(output.contains("  in-process (not isolated): pid, record, sleep\n"), "{output}");
+}

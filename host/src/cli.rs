@@ -430,6 +430,23 @@ fn check(config_path: &std::path::Path) -> Result<(), Failure> {
         println!("plugin {} {} ({})", plugin.name, plugin.version, plugin.path.display());
         println!("  sha256:      {}", plugin.sha256);
         println!("  whitelisted: {}", whitelisted.join(", "));
+        let in_process: Vec<&str> = plugin
+            .whitelist
+            .iter()
+            .filter(|(_, settings)| settings.isolation == config::Isolation::InProcess)
+            .map(|(method, _)| method.as_str())
+            .collect();
+        if !in_process.is_empty() {
+            println!("  in-process (not isolated): {}", in_process.join(", "));
+        }
+        let limited: Vec<String> = plugin
+            .whitelist
+            .iter()
+            .filter_map(|(method, settings)| Some(format!("{method} {}", config::format_size(settings.memory_limit?))))
+            .collect();
+        if !limited.is_empty() {
+            println!("  memory limits: {}", limited.join(", "));
+        }
         if !other.is_empty() {
             println!("  exported, not whitelisted: {}", other.join(", "));
         }
