@@ -101,6 +101,10 @@ fn each_crash_kind_is_contained() {
     let job = env.wait_for_status(after, "succeeded", LONG);
     assert_eq!(job["output"], "still here");
     assert!(daemon.stderr().contains("a new worker will take the next job"), "{}", daemon.stderr());
+
+    let metrics = common::http(daemon.http_address(), "GET", "/metrics", &[], "").body;
+    assert!(metrics.contains("jobhost_worker_deaths_total{cause=\"crashed\"} 4"), "{metrics}");
+    assert!(metrics.contains("jobhost_worker_processes 1"), "{metrics}");
 }
 
 #[test]

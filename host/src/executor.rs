@@ -32,6 +32,7 @@ use jobhost_plugin_api::{HostCallbacks, HostCallbacksRef, HostContext, LogLevel,
 
 use crate::config::{Isolation, MethodSettings};
 use crate::isolation::{Ended, WorkerProcesses};
+use crate::metrics::Metrics;
 use crate::registry::LoadedPlugin;
 use crate::store::{ClaimedJob, FinishedOutcome, JobId};
 
@@ -207,9 +208,15 @@ impl WorkerPool {
     /// Starts `threads` worker threads that report to `sink`; watchdogs run on
     /// `runtime`. Up to `threads` worker processes start as jobs need them,
     /// each replaced after `max_jobs_per_worker` jobs if that is set.
-    pub fn start(threads: usize, max_jobs_per_worker: Option<u64>, sink: Arc<dyn RunSink>, runtime: tokio::runtime::Handle) -> Self {
+    pub fn start(
+        threads: usize,
+        max_jobs_per_worker: Option<u64>,
+        metrics: Arc<Metrics>,
+        sink: Arc<dyn RunSink>,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
         let (queue, receiver) = crossbeam_channel::unbounded();
-        let workers = WorkerProcesses::new(threads, max_jobs_per_worker);
+        let workers = WorkerProcesses::new(threads, max_jobs_per_worker, metrics);
         let inner = Arc::new(PoolInner { queue: receiver, sink, runtime, stopping: AtomicBool::new(false), workers });
         for _ in 0..threads {
             inner.spawn_worker();

@@ -31,6 +31,7 @@ use crossbeam_channel::Sender;
 use jobhost_plugin_api::Outcome;
 
 use crate::executor::{Run, RunState, log_plugin_line};
+use crate::metrics::Metrics;
 use crate::worker::{Reply, Request};
 
 /// How a process-isolated run ended.
@@ -54,6 +55,7 @@ pub struct WorkerProcesses {
     /// The newest jobs.toml generation a run has asked for.
     newest_generation: AtomicU64,
     spawner: Sender<SpawnRequest>,
+    metrics: Arc<Metrics>,
 }
 
 struct SpawnRequest {
@@ -94,7 +96,7 @@ const MAX_QUOTED: usize = 400;
 
 impl WorkerProcesses {
     /// Creates an empty pool of at most `capacity` workers; none starts yet.
-    pub fn new(capacity: usize, max_jobs: Option<u64>) -> Arc<Self> {
+    pub fn new(capacity: usize, max_jobs: Option<u64>, metrics: Arc<Metrics>) -> Arc<Self> {
         let (spawner, requests) = crossbeam_channel::unbounded::<SpawnRequest>();
         let started = std::thread::Builder::new().name("jobhost-spawner".into()).spawn(move || {
             for request in requests {
@@ -113,6 +115,7 @@ impl WorkerProcesses {
             stopping: AtomicBool::new(false),
             newest_generation: AtomicU64::new(0),
             spawner,
+            metrics,
         })
     }
 
@@ -252,6 +255,7 @@ impl WorkerProcesses {
             return Err(std::io::Error::other("the worker process has no pipes"));
         };
         *self.alive.lock().unwrap() += 1;
+        self.metrics.count_workers(1);
         let tail = Arc::new(StderrTail::default());
         let reader_tail = tail.clone();
         let reader = std::thread::Builder::new().name("jobhost-worker-stderr".into()).spawn(move || read_stderr(stderr, pid, &reader_tail));
@@ -295,6 +299,7 @@ impl WorkerProcesses {
             Ok(status) => describe_death(worker.pid, status, &last_line, worker.memory_limit, state.is_cancelled()),
             Err(error) => format!("worker process {} was lost: {error}", worker.pid),
         };
+        self.metrics.record_worker_death(state.is_cancelled());
         if !state.is_cancelled() {
             tracing::warn!(target: "jobhost::daemon", job_id = state.job_id, worker = worker.pid, "{reason}; a new worker will take the next job");
         }
@@ -304,6 +309,7 @@ impl WorkerProcesses {
     fn reaped(&self) {
         let mut alive = self.alive.lock().unwrap();
         *alive = alive.saturating_sub(1);
+        self.metrics.count_workers(-1);
         self.gone.notify_all();
     }
 

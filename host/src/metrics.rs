@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::store::Status;
 
@@ -33,6 +33,8 @@ pub struct Metrics {
     retried: IntCounterVec,
     run_seconds: HistogramVec,
     start_delay_seconds: HistogramVec,
+    worker_processes: IntGauge,
+    worker_deaths: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -79,6 +81,17 @@ impl Metrics {
         )
         .expect("valid metric");
 
+        let worker_processes =
+            IntGauge::new("jobhost_worker_processes", "Worker processes of this daemon, idle or running a job").expect("valid metric");
+        let worker_deaths = IntCounterVec::new(
+            Opts::new(
+                "jobhost_worker_deaths_total",
+                "Worker processes that ended while running a job: crashed (signal, exit, out of memory) or killed by jobhost (timeout, cancel, shutdown)",
+            ),
+            &["cause"],
+        )
+        .expect("valid metric");
+
         for collector in [
             Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(succeeded.clone()),
@@ -86,10 +99,23 @@ impl Metrics {
             Box::new(retried.clone()),
             Box::new(run_seconds.clone()),
             Box::new(start_delay_seconds.clone()),
+            Box::new(worker_processes.clone()),
+            Box::new(worker_deaths.clone()),
         ] {
             registry.register(collector).expect("metric names are unique");
         }
-        Self { registry, jobs, succeeded, failed, retried, run_seconds, start_delay_seconds }
+        Self { registry, jobs, succeeded, failed, retried, run_seconds, start_delay_seconds, worker_processes, worker_deaths }
+    }
+
+    /// Records that the number of worker processes changed by `change`.
+    pub fn count_workers(&self, change: i64) {
+        self.worker_processes.add(change);
+    }
+
+    /// Records a worker process that ended while running a job.
+    pub fn record_worker_death(&self, killed_by_jobhost: bool) {
+        let cause = if killed_by_jobhost { "killed" } else { "crashed" };
+        self.worker_deaths.with_label_values(&[cause]).inc();
     }
 
     /// Records a run whose result was written, with how it ended.
@@ -143,5 +169,12 @@ mod tests {
         assert!(text.contains("jobhost_jobs_failed_total{method=\"flaky\",plugin=\"demo\"} 1"), "{text}");
         assert!(text.contains("jobhost_job_run_seconds_bucket{method=\"handle\",plugin=\"demo\",le=\"0.005\"} 1"), "{text}");
         assert!(text.contains("jobhost_job_start_delay_seconds_count{method=\"flaky\",plugin=\"demo\"} 2"), "{text}");
+
+        metrics.count_workers(2);
+        metrics.count_workers(-1);
+        metrics.record_worker_death(false);
+        let text = metrics.encode(&[]);
+        assert!(text.contains("jobhost_worker_processes 1"), "{text}");
+        assert!(text.contains("jobhost_worker_deaths_total{cause=\"crashed\"} 1"), "{text}");
     }
 }

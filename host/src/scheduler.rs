@@ -187,7 +187,8 @@ impl Daemon {
             "daemon started"
         );
 
-        let pool = WorkerPool::start(host.concurrency, host.max_jobs_per_worker, shared.clone(), tokio::runtime::Handle::current());
+        let runtime = tokio::runtime::Handle::current();
+        let pool = WorkerPool::start(host.concurrency, host.max_jobs_per_worker, shared.metrics.clone(), shared.clone(), runtime);
         rescue(&shared).await;
         claim_loop(&shared, &pool, mode, &shutdown).await;
         shut_down(&shared, &pool).await;
