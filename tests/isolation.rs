@@ -10,7 +10,7 @@ use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(30);
 
-/// A jobs.toml with the demo plugin twice: as `demo` in worker processes
+/// Writes a jobs.toml with the demo plugin twice: as `demo` in worker processes
 /// (the default), and as `inproc` in the daemon's own threads. `hog` only
 /// ever runs under a memory limit.
 fn env(host: &str, demo_tables: &str) -> Env {
@@ -137,7 +137,9 @@ fn isolation_setting_picks_where_a_job_runs() {
     // One worker at a time, each replaced after two jobs.
     assert_eq!(pids[0], pids[1], "{pids:?}");
     assert_eq!(pids[2], pids[3], "{pids:?}");
-    assert!(pids[0] != pids[2] && pids[2] != pids[4] && pids[0] != pids[4], "{pids:?}");
+    assert_ne!(pids[0], pids[2], "{pids:?}");
+    assert_ne!(pids[2], pids[4], "{pids:?}");
+    assert_ne!(pids[0], pids[4], "{pids:?}");
 }
 
 #[test]
@@ -212,7 +214,7 @@ fn cancel_kills_an_isolated_job() {
     assert_eq!(job["last_error"], "cancelled by hand");
     assert!(daemon.is_running());
 
-    // Cancelling it again changes nothing, and says so.
+    // Cancelling it again changes nothing, and reports that.
     let output = env.fails(&["cancel", &spin.to_string()]);
     assert!(output.contains(&format!("job {spin} has already been cancelled; nothing was changed")), "{output}");
 }

@@ -13,7 +13,7 @@
 //! A worker that dies while it runs a job fails that run with the reason:
 //! the signal or exit code, and its last line on stderr. Killing a worker is
 //! how timeouts and cancels stop a process-isolated job; the kill goes
-//! through [`RunState::cancel`], which knows the worker's pid while it runs
+//! through [`RunState::cancel`], which records the worker's pid while it runs
 //! the job.
 //!
 //! Workers are started from one dedicated thread, because the kernel sends
@@ -34,12 +34,12 @@ use crate::executor::{Run, RunState, log_plugin_line};
 use crate::metrics::Metrics;
 use crate::worker::{Reply, Request};
 
-/// How a process-isolated run ended.
+/// The end of a process-isolated run.
 #[derive(Debug)]
 pub enum Ended {
     /// The method returned (or panicked, which the plugin turns into a failure).
     Returned(Outcome),
-    /// The worker died or could not be used; the text says why.
+    /// The worker died or could not be used; the text gives the reason.
     Lost(String),
 }
 
@@ -74,7 +74,7 @@ struct WorkerProcess {
     jobs_run: u64,
 }
 
-/// What a worker wrote to stderr that explains its death.
+/// The part of a worker's stderr that explains its death.
 #[derive(Default)]
 struct StderrTail {
     state: Mutex<TailState>,
@@ -91,7 +91,7 @@ struct TailState {
     closed: bool,
 }
 
-/// Longest stderr line quoted in a failure reason.
+/// Maximum length, in characters, of a stderr line quoted in a failure reason.
 const MAX_QUOTED: usize = 400;
 
 impl WorkerProcesses {
@@ -289,7 +289,7 @@ impl WorkerProcesses {
         self.reaped();
     }
 
-    /// Reaps a worker that died or was killed while it had a job, and says why it ended.
+    /// Reaps a worker that died or was killed while it had a job, and returns the reason it ended.
     fn bury(&self, mut worker: WorkerProcess, state: &RunState) -> String {
         drop(worker.input);
         let status = worker.child.wait();

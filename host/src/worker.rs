@@ -2,7 +2,7 @@
 //!
 //! The daemon starts workers with piped stdin, stdout and stderr (see
 //! [`crate::isolation`]). A worker reads one [`Request`] per line on stdin,
-//! runs it on its main thread, and answers with [`Reply`] lines: any number
+//! runs it on its main thread, and replies with [`Reply`] lines: any number
 //! of log lines and progress reports, then exactly one outcome. Each line is
 //! one JSON object.
 //!
@@ -54,7 +54,7 @@ pub struct Request {
     pub params: String,
 }
 
-/// What a worker sends back while and after it runs a [`Request`].
+/// A message a worker sends back while and after it runs a [`Request`].
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Reply {
@@ -117,7 +117,7 @@ impl Reply {
     }
 }
 
-/// Where replies go: the saved stdout, shared with plugin threads that call back.
+/// The reply channel: the saved stdout, shared with plugin threads that call back.
 type Channel = Mutex<BufWriter<File>>;
 
 /// Runs jobs from stdin until it closes. Never returns while the daemon lives,
@@ -163,7 +163,7 @@ pub fn serve(args: &WorkerArgs) -> ExitCode {
             Err(error) => Reply::Failed { message: format!("the worker received a job it cannot read: {error}") },
         };
         if send(&channel, &reply).is_err() {
-            // The daemon closed the channel: nobody is waiting for results.
+            // The daemon closed the channel: no run is waiting for results.
             return ExitCode::FAILURE;
         }
     }
@@ -197,7 +197,7 @@ fn send(channel: &Channel, reply: &Reply) -> std::io::Result<()> {
     out.flush()
 }
 
-/// What the callbacks of one run reach through `host_data`.
+/// The context of one run, which callbacks reach through `host_data`.
 struct RunChannel<'a> {
     channel: &'a Channel,
 }
