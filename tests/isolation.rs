@@ -289,3 +289,42 @@ fn check_shows_where_methods_run() {
     assert!(output.contains("plugin inproc 0.1.0"), "{output}");
     assert!(output.contains("  in-process (not isolated): pid, record, sleep\n"), "{output}");
 }
+
+#[test]
+fn logs_and_progress_cross_the_pipe() {
+    let env = env("concurrency = 1", "");
+    let greet = env.dispatch(&["demo", "handle", "--params", "\"over the pipe\""]);
+    let sleep = env.dispatch(&["demo", "sleep", "--params", "4000"]);
+    let daemon = env.start_daemon(&[]);
+
+    env.wait_for_status(greet, "succeeded", LONG);
+    let logged = format!("handling \"over the pipe\" job_id={greet} plugin=demo method=handle attempt=1");
+    assert!(wait_until(LONG, || daemon.stderr().contains(&logged)), "{}", daemon.stderr());
+
+    // Progress reaches the table with the lease renewals, every third of the 2 s lease.
+    let mut job = Value::Null;
+    let reported = wait_until(LONG, || {
+        job = env.show(sleep);
+        job["status"] == "running" && job["progress"].as_f64().is_some_and(|progress| progress > 0.0)
+    });
+    assert!(reported, "no progress while running: {job:#}");
+    env.wait_for_status(sleep, "succeeded", LONG);
+}
+
+#[test]
+fn reload_starts_fresh_workers() {
+    let env = env("concurrency = 1", "");
+    let before = env.dispatch(&["demo", "pid"]);
+    let daemon = env.start_daemon(&[]);
+    let old_worker = env.wait_for_status(before, "succeeded", LONG)["output"].as_i64().unwrap();
+    assert!(is_alive(old_worker as i32), "the idle worker stays for the next job");
+
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, config.replace("\"hog\"]", "\"hog\", \"whoami\"]")).unwrap();
+    assert!(wait_until(LONG, || daemon.stderr().contains("reloaded jobs.toml and plugins")), "{}", daemon.stderr());
+
+    let after = env.dispatch(&["demo", "pid"]);
+    let new_worker = env.wait_for_status(after, "succeeded", LONG)["output"].as_i64().unwrap();
+    assert_ne!(new_worker, old_worker, "a job after the reload runs in a new worker");
+    assert!(wait_until(Duration::from_secs(5), || !is_alive(old_worker as i32)), "the worker from before the reload was not retired");
+}

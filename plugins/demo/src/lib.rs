@@ -39,12 +39,18 @@ fn flaky(ctx: &JobContext, failures: Option<u32>) -> Result<String, JobError> {
     Ok(format!("succeeded on attempt {}", ctx.attempt()))
 }
 
-/// Sleeps for the given number of milliseconds, or until the job is cancelled.
+/// Sleeps for the given number of milliseconds, or until the job is
+/// cancelled, and reports its progress as it goes.
 fn sleep(ctx: &JobContext, milliseconds: u64) -> Result<u64, JobError> {
-    let deadline = Instant::now() + Duration::from_millis(milliseconds);
+    let total = Duration::from_millis(milliseconds);
+    let started = Instant::now();
+    let deadline = started + total;
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
         if ctx.is_cancelled() {
             return Err(JobError::fatal("cancelled while sleeping"));
+        }
+        if !total.is_zero() {
+            ctx.progress(started.elapsed().as_secs_f64() / total.as_secs_f64());
         }
         std::thread::sleep(left.min(Duration::from_millis(20)));
     }
