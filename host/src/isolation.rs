@@ -209,12 +209,14 @@ impl WorkerProcesses {
         let found = {
             let mut idle = self.idle.lock().unwrap();
             // Workers started before a reload are not used for newer runs.
-            let (current, old): (Vec<_>, Vec<_>) = idle.drain(..).partition(|worker| worker.generation >= generation);
-            *idle = current;
-            retired.extend(old);
+            if idle.iter().any(|worker| worker.generation < generation) {
+                let (current, old): (Vec<_>, Vec<_>) = idle.drain(..).partition(|worker| worker.generation >= generation);
+                *idle = current;
+                retired.extend(old);
+            }
             let found = idle.iter().rposition(|worker| worker.memory_limit == memory_limit).map(|index| idle.swap_remove(index));
             // Make room for a worker with another limit.
-            if found.is_none() && self.alive() - retired.len() >= self.capacity && !idle.is_empty() {
+            if found.is_none() && self.alive().saturating_sub(retired.len()) >= self.capacity && !idle.is_empty() {
                 retired.push(idle.remove(0));
             }
             found
