@@ -24,7 +24,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, HostSettings};
 use crate::registry::Registry;
 use crate::time::Timestamp;
 
@@ -147,6 +147,8 @@ impl Live {
                     "sha256": plugin.sha256,
                     "exported": plugin.exported,
                     "whitelisted": plugin.whitelist.keys().collect::<Vec<_>>(),
+                    "in_process": plugin.in_process_methods(),
+                    "memory_limits": plugin.memory_limits(),
                 })
             })
             .collect();
@@ -210,19 +212,35 @@ fn log_changes(previous: &Registry, next: &Registry) {
 
 /// Names the `[host]` settings that differ between two configurations.
 fn changed_host_settings(before: &Config, after: &Config) -> Vec<&'static str> {
-    let (a, b) = (&before.host, &after.host);
+    // Naming every field makes a new [host] setting fail to compile here
+    // until it is compared.
+    let HostSettings {
+        database,
+        concurrency,
+        pool_size,
+        prefetch,
+        poll_interval,
+        lease,
+        shutdown_grace,
+        log_dir,
+        library_cache,
+        synchronous,
+        max_jobs_per_worker,
+    } = &before.host;
+    let b = &after.host;
     let mut changed = Vec::new();
-    let pairs: [(&'static str, bool); 10] = [
-        ("database", a.database != b.database),
-        ("concurrency", a.concurrency != b.concurrency),
-        ("pool_size", a.pool_size != b.pool_size),
-        ("prefetch", a.prefetch != b.prefetch),
-        ("poll_interval", a.poll_interval != b.poll_interval),
-        ("lease", a.lease != b.lease),
-        ("shutdown_grace", a.shutdown_grace != b.shutdown_grace),
-        ("log_dir", a.log_dir != b.log_dir),
-        ("library_cache", a.library_cache != b.library_cache),
-        ("synchronous", a.synchronous != b.synchronous),
+    let pairs: [(&'static str, bool); 11] = [
+        ("database", *database != b.database),
+        ("concurrency", *concurrency != b.concurrency),
+        ("pool_size", *pool_size != b.pool_size),
+        ("prefetch", *prefetch != b.prefetch),
+        ("poll_interval", *poll_interval != b.poll_interval),
+        ("lease", *lease != b.lease),
+        ("shutdown_grace", *shutdown_grace != b.shutdown_grace),
+        ("log_dir", *log_dir != b.log_dir),
+        ("library_cache", *library_cache != b.library_cache),
+        ("synchronous", *synchronous != b.synchronous),
+        ("max_jobs_per_worker", *max_jobs_per_worker != b.max_jobs_per_worker),
     ];
     for (name, differs) in pairs {
         if differs {
@@ -331,4 +349,18 @@ fn watch_files(watcher: &mut FileWatcher, live: &Live) {
     }
     watcher.folders = folders;
     *watcher.files.write().unwrap() = files;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changed_host_settings_are_named() {
+        let parse = |text: &str| Config::parse(Path::new("/srv/jobs.toml"), text).unwrap();
+        let before = parse("[host]\nconcurrency = 2\n");
+        let after = parse("[host]\nconcurrency = 4\nmax_jobs_per_worker = 2\nmax_attempts = 9\n");
+        assert_eq!(changed_host_settings(&before, &after), vec!["concurrency", "max_jobs_per_worker"]);
+        assert!(changed_host_settings(&before, &before).is_empty());
+    }
 }
