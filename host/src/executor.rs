@@ -311,6 +311,17 @@ impl PoolInner {
         if !state.finish() {
             // Reported already, by the watchdog or by shutdown. A thread that
             // waited on a worker process was not stuck, so it carries on.
+            if settings.isolation == Isolation::InProcess {
+                tracing::info!(
+                    target: "jobhost::job",
+                    job_id = job.id,
+                    plugin = %job.plugin,
+                    method = %job.method,
+                    attempt = job.attempt,
+                    duration_ms = duration.as_secs_f64() * 1000.0,
+                    "the in-process method returned after its run was reported; its result is discarded and its thread exits"
+                );
+            }
             return settings.isolation == Isolation::Process;
         }
         let outcome = match ended {

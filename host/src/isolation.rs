@@ -21,7 +21,7 @@
 //! thread lives as long as the pool.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -32,7 +32,7 @@ use jobhost_plugin_api::Outcome;
 
 use crate::executor::{Run, RunState, log_plugin_line};
 use crate::metrics::Metrics;
-use crate::worker::{Reply, Request};
+use crate::worker::{JOB_MARKER, Reply, Request};
 
 /// The end of a process-isolated run.
 #[derive(Debug)]
@@ -79,7 +79,7 @@ struct WorkerProcess {
 struct StderrTail {
     state: Mutex<TailState>,
     closed: Condvar,
-    /// The job the worker runs now, for its stderr lines; 0 when idle.
+    /// The job whose output the stderr lines are now, from the worker's markers; 0 between jobs.
     job_id: AtomicI64,
 }
 
@@ -151,12 +151,11 @@ impl WorkerProcesses {
                     return Ended::Lost(format!("cannot start a worker process: {error}"));
                 }
             };
-            worker.stderr.job_id.store(run.job.id, Ordering::Relaxed);
             run.state.attach(worker.pid);
             let sent = worker.input.write_all(&line).and_then(|()| worker.input.flush());
             if sent.is_err() {
                 run.state.detach();
-                let reason = self.bury(worker, &run.state);
+                let reason = self.bury(worker, &run.state, false);
                 if first_try && !run.state.is_cancelled() {
                     tracing::warn!(target: "jobhost::daemon", job_id = run.job.id, "{reason}; starting another worker for the job");
                     continue;
@@ -175,7 +174,7 @@ impl WorkerProcesses {
             match worker.output.read_line(&mut line) {
                 Ok(0) | Err(_) => {
                     run.state.detach();
-                    return Ended::Lost(self.bury(worker, &run.state));
+                    return Ended::Lost(self.bury(worker, &run.state, true));
                 }
                 Ok(_) => {}
             }
@@ -184,7 +183,7 @@ impl WorkerProcesses {
                 Err(error) => {
                     run.state.detach();
                     let _ = worker.child.kill();
-                    let reason = self.bury(worker, &run.state);
+                    let reason = self.bury(worker, &run.state, true);
                     return Ended::Lost(format!("the worker process sent a reply the daemon cannot read ({error}); {reason}"));
                 }
             };
@@ -193,7 +192,6 @@ impl WorkerProcesses {
                 Reply::Progress { fraction } => run.state.set_progress(fraction),
                 last => {
                     run.state.detach();
-                    worker.stderr.job_id.store(0, Ordering::Relaxed);
                     worker.jobs_run += 1;
                     self.check_in(worker);
                     let outcome = last.into_outcome().expect("log lines and progress are handled above");
@@ -291,15 +289,22 @@ impl WorkerProcesses {
         self.reaped();
     }
 
-    /// Reaps a worker that died or was killed while it had a job, and returns the reason it ended.
-    fn bury(&self, mut worker: WorkerProcess, state: &RunState) -> String {
+    /// Reaps a worker that died or was killed, and returns the reason it
+    /// ended. `had_job` is false for a worker found dead when it was sent a
+    /// job, which it never received.
+    fn bury(&self, mut worker: WorkerProcess, state: &RunState, had_job: bool) -> String {
         drop(worker.input);
         let status = worker.child.wait();
         self.reaped();
+        let pid = worker.pid;
+        if !had_job {
+            let how = status.map_or_else(|error| format!("was lost ({error})"), |status| describe_status(status));
+            return format!("idle worker process {pid} {how} before it received the job");
+        }
         let last_line = worker.stderr.last_words(Duration::from_millis(200));
         let reason = match status {
-            Ok(status) => describe_death(worker.pid, status, &last_line, worker.memory_limit, state.is_cancelled()),
-            Err(error) => format!("worker process {} was lost: {error}", worker.pid),
+            Ok(status) => describe_death(pid, status, &last_line, worker.memory_limit, state.is_cancelled()),
+            Err(error) => format!("worker process {pid} was lost: {error}"),
         };
         self.metrics.record_worker_death(state.is_cancelled());
         if !state.is_cancelled() {
@@ -341,6 +346,10 @@ fn start_process(memory_limit: Option<u64>) -> std::io::Result<Child> {
     // /proc/self/exe is this very binary, even if the file on disk was
     // replaced since the daemon started, so the worker speaks its protocol.
     let mut command = Command::new("/proc/self/exe");
+    // `ps` then shows the binary's path rather than /proc/self/exe.
+    if let Ok(path) = std::env::current_exe() {
+        command.arg0(path);
+    }
     command.arg("worker").arg("--parent").arg(std::process::id().to_string());
     if let Some(limit) = memory_limit {
         command.arg("--memory-limit").arg(limit.to_string());
@@ -359,6 +368,17 @@ fn read_stderr(stderr: std::process::ChildStderr, pid: u32, tail: &StderrTail) {
         }
         let line = String::from_utf8_lossy(&bytes);
         let line = line.trim_end();
+        if let Some(job) = line.strip_prefix(JOB_MARKER) {
+            let job_id = job.parse().unwrap_or(0);
+            if job_id != 0 {
+                // A new job: what the previous one printed explains nothing about it.
+                let mut state = tail.state.lock().unwrap();
+                state.last_line.clear();
+                state.allocation_failure = None;
+            }
+            tail.job_id.store(job_id, Ordering::Relaxed);
+            continue;
+        }
         if line.is_empty() {
             continue;
         }
@@ -393,13 +413,18 @@ impl StderrTail {
     }
 }
 
-/// Explains how a worker ended while it ran a job.
-fn describe_death(pid: u32, status: ExitStatus, last_line: &str, memory_limit: Option<u64>, killed_by_daemon: bool) -> String {
-    let how = match (status.code(), status.signal()) {
+/// Describes how a process ended: "exited with code 3", "was killed by signal 11 (…)".
+fn describe_status(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with code {code}"),
         (None, Some(signal)) => format!("was killed by signal {signal} ({})", signal_name(signal)),
         (None, None) => format!("ended with {status}"),
-    };
+    }
+}
+
+/// Explains how a worker ended while it ran a job.
+fn describe_death(pid: u32, status: ExitStatus, last_line: &str, memory_limit: Option<u64>, killed_by_daemon: bool) -> String {
+    let how = describe_status(status);
     let out_of_memory = last_line.starts_with("memory allocation of");
     let mut reason = match memory_limit {
         Some(limit) if out_of_memory => format!(

@@ -9,7 +9,9 @@
 //! The replies go to a copy of the original stdout; file descriptor 1 is
 //! then pointed at stderr, so that a plugin that prints cannot corrupt the
 //! channel. Whatever reaches stderr (a panic message, an allocation failure)
-//! is logged by the daemon and quoted when the worker dies.
+//! is logged by the daemon and quoted when the worker dies. Before and after
+//! each job the worker writes a marker line to stderr ([`JOB_MARKER`]), so
+//! that the daemon can tell which job printed each line.
 //!
 //! A worker ends when stdin closes. It is also killed by the kernel when the
 //! daemon dies (`PR_SET_PDEATHSIG`), so that a job that loops forever cannot
@@ -30,6 +32,10 @@ use jobhost_plugin_api::{HostCallbacks, HostCallbacksRef, HostContext, LogLevel,
 use serde::{Deserialize, Serialize};
 
 use crate::store::JobId;
+
+/// Start of the lines that mark on stderr where a job's output begins
+/// (followed by the job id) and ends (followed by nothing).
+pub const JOB_MARKER: &str = "\u{1e}jobhost-job:";
 
 /// Arguments of the hidden `jobhost worker` command, set by the daemon.
 #[derive(Debug, clap::Args)]
@@ -123,9 +129,11 @@ type Channel = Mutex<BufWriter<File>>;
 /// Runs jobs from stdin until it closes. Never returns while the daemon lives,
 /// except on a broken channel.
 pub fn serve(args: &WorkerArgs) -> ExitCode {
-    // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag of this process.
+    // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag of this process, and
+    // PR_SET_NAME copies the NUL-terminated name, which `ps` and `pgrep` show.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        libc::prctl(libc::PR_SET_NAME, c"jobhost-worker".as_ptr());
     }
     // The daemon may have died before the flag was set.
     if std::os::unix::process::parent_id() != args.parent {
@@ -159,7 +167,12 @@ pub fn serve(args: &WorkerArgs) -> ExitCode {
             }
         }
         let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(request) => run(&request, &mut libraries, &channel),
+            Ok(request) => {
+                eprintln!("{JOB_MARKER}{}", request.job_id);
+                let reply = run(&request, &mut libraries, &channel);
+                eprintln!("{JOB_MARKER}");
+                reply
+            }
             Err(error) => Reply::Failed { message: format!("the worker received a job it cannot read: {error}") },
         };
         if send(&channel, &reply).is_err() {
