@@ -33,7 +33,7 @@ log_dir = "logs"
 [[plugin]]
 name = "demo"
 path = {demo:?}
-methods = ["handle", "pid", "sleep", "record", "segfault", "abort", "exit", "spin", "hog"]
+methods = ["handle", "pid", "sleep", "record", "panic", "segfault", "abort", "exit", "spin", "hog"]
 
 [plugin.method.hog]
 memory_limit = "128MiB"
@@ -187,6 +187,12 @@ fn in_process_timeout_asks_the_job_to_stop() {
     // The sleep saw the cancellation; its thread was replaced meanwhile.
     let next = env.dispatch(&["inproc", "pid"]);
     env.wait_for_status(next, "succeeded", LONG);
+    let returned = format!("job_id={sleep} plugin=inproc method=sleep attempt=1");
+    assert!(
+        wait_until(LONG, || daemon.stderr().lines().any(|line| line.contains("returned after its run was reported") && line.contains(&returned))),
+        "{}",
+        daemon.stderr()
+    );
 }
 
 #[test]
@@ -288,6 +294,17 @@ fn check_shows_where_methods_run() {
     assert!(output.contains("  memory limits: hog 128MiB\n"), "{output}");
     assert!(output.contains("plugin inproc 0.1.0"), "{output}");
     assert!(output.contains("  in-process (not isolated): pid, record, sleep\n"), "{output}");
+
+    let mut daemon = env.start_daemon(&[]);
+    let address = daemon.http_address();
+    let output = env.ok(&["plugins"]);
+    assert!(output.contains("    memory limits: hog 128MiB\n"), "{output}");
+    assert!(output.contains("    in-process (not isolated): pid, record, sleep\n"), "{output}");
+
+    let page = common::http(address, "GET", "/plugins", &[], "").body;
+    assert!(page.contains("<td class=\"memory-limit\">128MiB</td>"), "{page}");
+    assert!(page.contains("<td class=\"isolation\">inprocess</td>"), "{page}");
+    assert!(page.contains("<td class=\"isolation\">process</td>"), "{page}");
 }
 
 #[test]
@@ -327,4 +344,54 @@ fn reload_starts_fresh_workers() {
     let new_worker = env.wait_for_status(after, "succeeded", LONG)["output"].as_i64().unwrap();
     assert_ne!(new_worker, old_worker, "a job after the reload runs in a new worker");
     assert!(wait_until(Duration::from_secs(5), || !is_alive(old_worker as i32)), "the worker from before the reload was not retired");
+}
+
+#[test]
+fn worker_output_carries_its_job_id() {
+    let env = env("concurrency = 1", "");
+    let first = env.dispatch(&["demo", "panic", "--params", "\"first words\""]);
+    let next = env.dispatch(&["demo", "panic", "--params", "\"second words\""]);
+    let daemon = env.start_daemon(&[]);
+    env.wait_for_status(first, "failed", LONG);
+    env.wait_for_status(next, "failed", LONG);
+
+    for (id, words) in [(first, "first words"), (next, "second words")] {
+        let expected = format!("worker output: {words} job_id={id} ");
+        assert!(wait_until(LONG, || daemon.stderr().contains(&expected)), "no {expected:?} in:\n{}", daemon.stderr());
+    }
+}
+
+#[test]
+fn dead_idle_worker_costs_no_attempt() {
+    let env = env("concurrency = 1", "");
+    let first = env.dispatch(&["demo", "pid"]);
+    let mut daemon = env.start_daemon(&[]);
+    let idle = env.wait_for_status(first, "succeeded", LONG)["output"].as_i64().unwrap() as i32;
+
+    // SAFETY: kill has no memory-safety requirements; the pid is the idle worker's.
+    assert_eq!(unsafe { libc::kill(idle, libc::SIGKILL) }, 0);
+    assert!(wait_until(LONG, || !is_alive(idle)));
+    let next = env.dispatch(&["demo", "pid"]);
+    let job = env.wait_for_status(next, "succeeded", LONG);
+    assert_eq!(job["attempts"], 1, "the job never reached the dead worker: {job:#}");
+    assert_ne!(job["output"].as_i64(), Some(i64::from(idle)));
+
+    let expected = format!("idle worker process {idle} was killed by signal 9 (SIGKILL) before it received the job; starting another worker");
+    assert!(daemon.stderr().contains(&expected), "{}", daemon.stderr());
+    let metrics = common::http(daemon.http_address(), "GET", "/metrics", &[], "").body;
+    assert!(!metrics.contains("jobhost_worker_deaths_total{cause=\"crashed\"}"), "not a death during a job: {metrics}");
+}
+
+#[test]
+fn workers_are_named_in_ps() {
+    let env = env("concurrency = 1", "");
+    let first = env.dispatch(&["demo", "pid"]);
+    let _daemon = env.start_daemon(&[]);
+    let worker = env.wait_for_status(first, "succeeded", LONG)["output"].as_i64().unwrap();
+
+    let name = std::fs::read_to_string(format!("/proc/{worker}/comm")).unwrap();
+    assert_eq!(name.trim(), "jobhost-worker");
+    let cmdline = std::fs::read_to_string(format!("/proc/{worker}/cmdline")).unwrap();
+    let program = cmdline.split('\0').next().unwrap();
+    assert_eq!(std::path::Path::new(program), build().jobhost, "argv[0] is the binary's path");
 }

@@ -430,23 +430,8 @@ fn check(config_path: &std::path::Path) -> Result<(), Failure> {
         println!("plugin {} {} ({})", plugin.name, plugin.version, plugin.path.display());
         println!("  sha256:      {}", plugin.sha256);
         println!("  whitelisted: {}", whitelisted.join(", "));
-        let in_process: Vec<&str> = plugin
-            .whitelist
-            .iter()
-            .filter(|(_, settings)| settings.isolation == config::Isolation::InProcess)
-            .map(|(method, _)| method.as_str())
-            .collect();
-        if !in_process.is_empty() {
-            println!("  in-process (not isolated): {}", in_process.join(", "));
-        }
-        let limited: Vec<String> = plugin
-            .whitelist
-            .iter()
-            .filter_map(|(method, settings)| Some(format!("{method} {}", config::format_size(settings.memory_limit?))))
-            .collect();
-        if !limited.is_empty() {
-            println!("  memory limits: {}", limited.join(", "));
-        }
+        let limits = plugin.memory_limits().into_iter().map(|(method, limit)| format!("{method} {limit}")).collect();
+        print_isolation("  ", &plugin.in_process_methods(), limits);
         if !other.is_empty() {
             println!("  exported, not whitelisted: {}", other.join(", "));
         }
@@ -496,6 +481,17 @@ fn running_daemons(config_path: &std::path::Path) -> Vec<serde_json::Value> {
     daemons
 }
 
+/// Prints the methods of a plugin that run in-process, and those with a memory limit, if any.
+fn print_isolation(indent: &str, in_process: &[impl AsRef<str>], limits: Vec<String>) {
+    if !in_process.is_empty() {
+        let names: Vec<&str> = in_process.iter().map(AsRef::as_ref).collect();
+        println!("{indent}in-process (not isolated): {}", names.join(", "));
+    }
+    if !limits.is_empty() {
+        println!("{indent}memory limits: {}", limits.join(", "));
+    }
+}
+
 fn plugins(config_path: &std::path::Path, json: bool) -> Result<(), Failure> {
     let daemons = running_daemons(config_path);
     if json {
@@ -524,6 +520,13 @@ fn plugins(config_path: &std::path::Path, json: bool) -> Result<(), Failure> {
             );
             println!("    sha256:      {}", plugin["sha256"].as_str().unwrap_or_default());
             println!("    whitelisted: {}", whitelisted.join(", "));
+            let limits = plugin["memory_limits"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(method, limit)| format!("{method} {}", limit.as_str().unwrap_or_default()))
+                .collect();
+            print_isolation("    ", &list("in_process"), limits);
             if !other.is_empty() {
                 println!("    exported, not whitelisted: {}", other.join(", "));
             }

@@ -307,6 +307,9 @@ impl Isolation {
 /// Smallest `memory_limit` accepted: a worker needs about this much to start
 /// and load a plugin before the job's own allocations count.
 pub const MIN_MEMORY_LIMIT: u64 = 32 << 20;
+/// Largest `memory_limit` accepted: 1 PiB, far above any machine's memory,
+/// so that a larger value is a typing error rather than a limit.
+pub const MAX_MEMORY_LIMIT: u64 = 1 << 50;
 
 impl Config {
     /// Reads and validates the jobs.toml at `path`.
@@ -333,6 +336,8 @@ impl Config {
         })?;
         let mut problems = Vec::new();
         let config = validate(&source, raw, &mut problems);
+        // Validation goes table by table; the reader goes line by line.
+        problems.sort_by_key(|problem| problem.line);
         if problems.is_empty() {
             Ok(config)
         } else {
@@ -560,7 +565,7 @@ fn validate(source: &Source<'_>, raw: RawConfig, problems: &mut Vec<Problem>) ->
         .unwrap_or(Duration::from_secs(10));
 
     let max_jobs_per_worker =
-        positive_count(source, "max_jobs_per_worker", host.max_jobs_per_worker.as_ref(), 1, i64::MAX, problems).map(|count| count as u64);
+        positive_count(source, "max_jobs_per_worker", host.max_jobs_per_worker.as_ref(), 1, 1_000_000_000, problems).map(|count| count as u64);
 
     let log_dir = folder.join(host.log_dir.as_deref().unwrap_or("logs"));
     let library_cache = folder.join(host.library_cache.as_deref().unwrap_or(".jobhost/libraries"));
@@ -807,23 +812,33 @@ fn method_settings(
             other => problems.push(source.problem(&value.span(), format!("isolation = {other:?} is unknown; use \"process\" or \"inprocess\""))),
         }
     }
+    let mut limit_valid = true;
     if let Some(value) = &raw.memory_limit {
         match parse_memory_limit(value.get_ref()) {
-            Ok(bytes) => settings.memory_limit = Some(bytes),
-            Err(message) => problems.push(source.problem(&value.span(), format!("memory_limit = {:?}: {message}", value.get_ref()))),
+            Ok(limit) => settings.memory_limit = limit,
+            Err(message) => {
+                problems.push(source.problem(&value.span(), format!("memory_limit = {:?} {message}", value.get_ref())));
+                limit_valid = false;
+            }
         }
     }
-    if settings.isolation == Isolation::InProcess
+    if limit_valid
+        && settings.isolation == Isolation::InProcess
         && let Some(limit) = settings.memory_limit
-        && let Some(span) = raw.isolation.as_ref().or(raw.memory_limit.as_ref()).map(Spanned::span)
     {
-        problems.push(source.problem(
-            &span,
-            format!(
-                "memory_limit = \"{}\" cannot apply to isolation = \"inprocess\", because the daemon cannot cap the memory of one of its threads; use isolation = \"process\", or remove memory_limit",
-                format_size(limit)
-            ),
-        ));
+        // The daemon cannot cap the memory of one of its threads.
+        let limit = format_size(limit);
+        if let Some(value) = &raw.memory_limit {
+            problems.push(source.problem(
+                &value.span(),
+                format!("memory_limit = \"{limit}\" cannot apply to isolation = \"inprocess\", because the daemon cannot cap the memory of one of its threads; use isolation = \"process\", or remove memory_limit"),
+            ));
+        } else if let Some(value) = &raw.isolation {
+            problems.push(source.problem(
+                &value.span(),
+                format!("isolation = \"inprocess\" cannot keep the memory_limit = \"{limit}\" it inherits, because the daemon cannot cap the memory of one of its threads; add memory_limit = \"none\" beside it, or use isolation = \"process\""),
+            ));
+        }
     }
     settings
 }
@@ -837,22 +852,30 @@ pub fn format_size(bytes: u64) -> String {
     }
 }
 
-/// Parses a memory size such as `"256MiB"`, `"1 GiB"` or `"512MB"`.
-pub fn parse_memory_limit(text: &str) -> Result<u64, String> {
+/// Parses a `memory_limit`: a size such as `"256MiB"`, `"1 GiB"` or
+/// `"512MB"`, or `"none"` for no limit. An error completes the sentence
+/// `memory_limit = "…" ` and says what to write instead.
+pub fn parse_memory_limit(text: &str) -> Result<Option<u64>, String> {
     let trimmed = text.trim();
-    let bytes = trimmed
-        .parse::<bytesize::ByteSize>()
-        .ok()
-        .filter(|_| trimmed.starts_with(|character: char| character.is_ascii_digit()))
-        .ok_or_else(|| "not a memory size; use a number with a unit, such as \"256MiB\" or \"2GiB\"".to_owned())?
-        .as_u64();
-    if bytes < MIN_MEMORY_LIMIT {
-        return Err(format!(
-            "is below the minimum of {}, which a worker needs to start; use \"64MiB\" or more",
-            format_size(MIN_MEMORY_LIMIT)
-        ));
+    if trimmed == "none" {
+        return Ok(None);
     }
-    Ok(bytes)
+    let invalid = || "is not a memory size; use a number with a unit, such as \"256MiB\" or \"2GiB\", or \"none\" for no limit".to_owned();
+    if !trimmed.starts_with(|character: char| character.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    if trimmed.bytes().all(|byte| byte.is_ascii_digit()) {
+        return Err(format!("has no unit; write the unit, such as \"{trimmed}MiB\" (or \"{trimmed}B\" for bytes)"));
+    }
+    let bytes = trimmed.parse::<bytesize::ByteSize>().map_err(|_| invalid())?.as_u64();
+    if bytes < MIN_MEMORY_LIMIT {
+        let minimum = format_size(MIN_MEMORY_LIMIT);
+        return Err(format!("is below the minimum of \"{minimum}\", which a worker needs to start; use \"{minimum}\" or more"));
+    }
+    if bytes > MAX_MEMORY_LIMIT {
+        return Err(format!("is above the maximum of \"{}\"; use a smaller size, or \"none\" for no limit", format_size(MAX_MEMORY_LIMIT)));
+    }
+    Ok(Some(bytes))
 }
 
 #[cfg(test)]
@@ -954,16 +977,16 @@ max_attempts = 0
 
             [plugin.method.c]
             isolation = "inprocess"
-            memory_limit = "0"
+            memory_limit = "1MiB"
             "#,
         );
-        // "0" is below the minimum, and the inherited limit cannot apply in-process.
         let found = config.expect_err("c is invalid").problems();
-        assert_eq!(found.len(), 2, "{found:#?}");
-        assert!(found.iter().any(|problem| problem.starts_with("/srv/jobs.toml:16: memory_limit = \"0\": is below the minimum of 32MiB")), "{found:#?}");
-        assert!(
-            found.iter().any(|problem| problem.starts_with("/srv/jobs.toml:15: memory_limit = \"1GiB\" cannot apply to isolation = \"inprocess\"")),
-            "{found:#?}"
+        assert_eq!(
+            found,
+            vec![
+                "/srv/jobs.toml:16: memory_limit = \"1MiB\" is below the minimum of \"32MiB\", which a worker needs to start; use \"32MiB\" or more"
+                    .to_owned()
+            ]
         );
 
         let config = parse(
@@ -1013,15 +1036,41 @@ isolation = "inprocess"
             found,
             vec![
                 "/srv/jobs.toml:2: isolation = \"thread\" is unknown; use \"process\" or \"inprocess\"".to_owned(),
-                "/srv/jobs.toml:3: max_jobs_per_worker = 0 is out of range; use a whole number from 1 to 9223372036854775807".to_owned(),
-                "/srv/jobs.toml:9: memory_limit = \"lots\": not a memory size; use a number with a unit, such as \"256MiB\" or \"2GiB\"".to_owned(),
+                "/srv/jobs.toml:3: max_jobs_per_worker = 0 is out of range; use a whole number from 1 to 1000000000".to_owned(),
+                "/srv/jobs.toml:9: memory_limit = \"lots\" is not a memory size; use a number with a unit, such as \"256MiB\" or \"2GiB\", or \"none\" for no limit".to_owned(),
             ]
         );
 
         let found = problems("[[plugin]]\nname = \"demo\"\npath = \"a.so\"\nmethods = [\"x\"]\nmemory_limit = \"64MiB\"\n\n[plugin.method.x]\nisolation = \"inprocess\"\n");
         assert_eq!(found.len(), 1, "{found:#?}");
         assert!(
-            found[0].starts_with("/srv/jobs.toml:8: memory_limit = \"64MiB\" cannot apply to isolation = \"inprocess\""),
+            found[0].starts_with("/srv/jobs.toml:8: isolation = \"inprocess\" cannot keep the memory_limit = \"64MiB\" it inherits"),
+            "{}",
+            found[0]
+        );
+    }
+
+    #[test]
+    fn inherited_memory_limit_can_be_lifted() {
+        let text = "[host]\nmemory_limit = \"64MiB\"\n\n[[plugin]]\nname = \"demo\"\npath = \"a.so\"\nmethods = [\"x\", \"y\"]\n\n[plugin.method.x]\nisolation = \"inprocess\"\n";
+        let found = problems(text);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].starts_with("/srv/jobs.toml:10: isolation = \"inprocess\" cannot keep the memory_limit = \"64MiB\" it inherits"),
+            "{}",
+            found[0]
+        );
+        assert!(found[0].ends_with("add memory_limit = \"none\" beside it, or use isolation = \"process\""), "{}", found[0]);
+
+        let config = parse(&text.replace("isolation = \"inprocess\"\n", "isolation = \"inprocess\"\nmemory_limit = \"none\"\n")).unwrap();
+        let methods = &config.plugin("demo").unwrap().methods;
+        assert_eq!(methods["x"].memory_limit, None);
+        assert_eq!(methods["y"].memory_limit, Some(64 << 20));
+
+        let found = problems(&text.replace("isolation = \"inprocess\"\n", "isolation = \"inprocess\"\nmemory_limit = \"128MiB\"\n"));
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].starts_with("/srv/jobs.toml:11: memory_limit = \"128MiB\" cannot apply to isolation = \"inprocess\""),
             "{}",
             found[0]
         );
@@ -1029,11 +1078,14 @@ isolation = "inprocess"
 
     #[test]
     fn memory_sizes_parse_and_print_alike() {
-        assert_eq!(parse_memory_limit("256MiB"), Ok(256 << 20));
-        assert_eq!(parse_memory_limit(" 2 GiB "), Ok(2 << 30));
-        assert_eq!(parse_memory_limit("512MB"), Ok(512_000_000));
+        assert_eq!(parse_memory_limit("256MiB"), Ok(Some(256 << 20)));
+        assert_eq!(parse_memory_limit(" 2 GiB "), Ok(Some(2 << 30)));
+        assert_eq!(parse_memory_limit("512MB"), Ok(Some(512_000_000)));
+        assert_eq!(parse_memory_limit("none"), Ok(None));
         assert!(parse_memory_limit("-5MiB").is_err());
         assert!(parse_memory_limit("MiB").is_err());
+        assert_eq!(parse_memory_limit("256"), Err("has no unit; write the unit, such as \"256MiB\" (or \"256B\" for bytes)".to_owned()));
+        assert!(parse_memory_limit("100000000TiB").unwrap_err().starts_with("is above the maximum of \"1024TiB\""));
         assert_eq!(format_size(256 << 20), "256MiB");
         assert_eq!(format_size(3 << 30), "3GiB");
         assert_eq!(format_size(512_000_000), "500000KiB");

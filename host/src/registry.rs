@@ -51,6 +51,23 @@ pub struct LoadedPlugin {
 }
 
 impl LoadedPlugin {
+    /// Returns the whitelisted methods that run in the daemon's own process.
+    pub fn in_process_methods(&self) -> Vec<&str> {
+        self.whitelist
+            .iter()
+            .filter(|(_, settings)| settings.isolation == crate::config::Isolation::InProcess)
+            .map(|(method, _)| method.as_str())
+            .collect()
+    }
+
+    /// Returns each whitelisted method that has a memory limit, with the limit as jobs.toml spells it.
+    pub fn memory_limits(&self) -> BTreeMap<&str, String> {
+        self.whitelist
+            .iter()
+            .filter_map(|(method, settings)| Some((method.as_str(), crate::config::format_size(settings.memory_limit?))))
+            .collect()
+    }
+
     /// Returns true if this entry runs the same code with the same whitelist as `other`.
     pub fn same_as(&self, other: &LoadedPlugin) -> bool {
         self.sha256 == other.sha256 && self.whitelist == other.whitelist
@@ -77,7 +94,7 @@ pub struct Registry {
 /// Errors from loading a plugin library.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{config}:{line}: plugin {plugin:?}: library {} does not exist; build it (cargo build) or fix path", path.display())]
+    #[error("{config}:{line}: plugin {plugin:?}: library {} does not exist; build the plugin (cargo build --release puts it in target/release) or fix path", path.display())]
     Missing { config: PathBuf, line: usize, plugin: String, path: PathBuf },
 
     #[error("{config}:{line}: plugin {plugin:?}: {} cannot be loaded as a shared library ({detail}); point path at the plugin's .so file", path.display())]

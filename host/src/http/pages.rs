@@ -577,7 +577,7 @@ pub async fn plugins(State(state): State<Arc<AppState>>) -> Response {
                     }
                 }
                 table.methods {
-                    thead { tr { th { "Method" } th { "Whitelisted" } th { "Max attempts" } th { "Retry delay" } th { "Backoff" } th { "Timeout" } } }
+                    thead { tr { th { "Method" } th { "Whitelisted" } th { "Max attempts" } th { "Retry delay" } th { "Backoff" } th { "Timeout" } th { "Isolation" } th { "Memory limit" } } }
                     tbody {
                         @for method in &plugin.exported {
                             @let settings = plugin.whitelist.get(method);
@@ -590,10 +590,12 @@ pub async fn plugins(State(state): State<Arc<AppState>>) -> Response {
                                         td { (humantime::format_duration(settings.retry_delay).to_string()) }
                                         td { (format!("{:?}", settings.backoff).to_lowercase()) }
                                         td { (settings.timeout.map(|timeout| humantime::format_duration(timeout).to_string()).unwrap_or_else(|| "none".to_owned())) }
+                                        td.isolation { (settings.isolation.as_str()) }
+                                        td.memory-limit { (settings.memory_limit.map(crate::config::format_size).unwrap_or_else(|| "none".to_owned())) }
                                     }
                                     None => {
                                         td { span.status.status-cancelled { "no" } }
-                                        td colspan="4" .muted { "exported, but not in methods in jobs.toml, so it is rejected" }
+                                        td colspan="6" .muted { "exported, but not in methods in jobs.toml, so it is rejected" }
                                     }
                                 }
                             }
