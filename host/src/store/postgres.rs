@@ -258,6 +258,9 @@ impl Store for PostgresStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        // A claim writes no `running` event: the run's start is `started_at`,
+        // which the attempt row keeps once the run ends, and `events` reads it
+        // from there. That is one insert fewer per job.
         let rows = sqlx::query(
             "WITH due AS (
                  SELECT id FROM jobs WHERE status = 'pending' AND run_at <= now()
@@ -270,8 +273,6 @@ impl Store for PostgresStore {
                  FROM due WHERE jobs.id = due.id
                  RETURNING jobs.id, jobs.plugin, jobs.method, jobs.params, jobs.attempts, jobs.max_attempts,
                            jobs.priority, jobs.run_at, jobs.created_at, jobs.started_at
-             ), events AS (
-                 INSERT INTO job_events (job_id, status, at) SELECT id, 'running', now() FROM claimed
              )
              SELECT * FROM claimed",
         )
@@ -507,16 +508,26 @@ impl Store for PostgresStore {
             return Ok(0);
         }
         let mut tx = self.pool.begin().await?;
+        // A handed-back run leaves no attempt row, so its start is written
+        // here as a `running` event, before the `pending` one.
         let handed: Vec<JobId> = sqlx::query_scalar(
-            "WITH handed AS (
+            "WITH running AS (
+                 SELECT id, started_at FROM jobs
+                 WHERE id = ANY($1) AND status = 'running' AND lease_owner = $2
+                 FOR UPDATE
+             ), handed AS (
                  UPDATE jobs SET status = 'pending', attempts = attempts - 1, run_at = now(), updated_at = now(),
                         started_at = NULL, lease_owner = NULL, lease_expires_at = NULL
-                 WHERE id = ANY($1) AND status = 'running' AND lease_owner = $2
-                 RETURNING id
+                 FROM running WHERE jobs.id = running.id
+                 RETURNING jobs.id, running.started_at
              ), events AS (
                  INSERT INTO job_events (job_id, status, at, message)
-                 SELECT id, 'pending', now(), 'handed back unfinished; the interrupted run does not count as an attempt'
-                 FROM handed
+                 SELECT id, event.status, event.at, event.message
+                 FROM handed CROSS JOIN LATERAL (VALUES
+                     (1, 'running', COALESCE(handed.started_at, now()), NULL),
+                     (2, 'pending', now(), 'handed back unfinished; the interrupted run does not count as an attempt')
+                 ) AS event(position, status, at, message)
+                 ORDER BY id, event.position
              )
              SELECT id FROM handed",
         )
@@ -590,10 +601,7 @@ impl Store for PostgresStore {
     }
 
     async fn events(&self, id: JobId) -> Result<Vec<EventRecord>, StoreError> {
-        let rows = sqlx::query("SELECT status, at, message FROM job_events WHERE job_id = $1 ORDER BY id")
-            .bind(id)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(EVENTS).bind(id).fetch_all(&self.pool).await?;
         rows.iter()
             .map(|row| {
                 let status: String = row.try_get("status")?;
@@ -758,3 +766,29 @@ impl Store for PostgresStore {
 const NEXT_DUE: &str = "SELECT MIN(next.run_at) FROM generate_series(1, 10) AS p(priority),
      LATERAL (SELECT run_at FROM jobs WHERE status = 'pending' AND jobs.priority = p.priority
               ORDER BY run_at LIMIT 1) AS next";
+
+/// A job's status events, oldest first, with the `running` events that
+/// claims no longer write: one at the start of each attempt row, and one for
+/// the run going on now. Databases migrated from before that change hold
+/// real `running` events, which are not repeated.
+///
+/// Stored events keep their insertion order: each sorts at the latest `at`
+/// up to it. A start sorts at its time, after `pending` and `waiting` events
+/// of the same time and before the others. A run cancelled by a transaction
+/// that began just before the claim committed has an end earlier than its
+/// start, so its start sorts at the earlier of the two.
+const EVENTS: &str = "WITH stored AS (
+         SELECT id, status, at, message, max(at) OVER (ORDER BY id) AS sort_at FROM job_events WHERE job_id = $1
+     ), starts AS (
+         SELECT started_at AS at, LEAST(started_at, finished_at) AS sort_at FROM job_attempts WHERE job_id = $1
+         UNION ALL
+         SELECT started_at, started_at FROM jobs WHERE id = $1 AND status = 'running' AND started_at IS NOT NULL
+     )
+     SELECT status, at, message FROM (
+         SELECT status, at, message, sort_at, CASE WHEN status IN ('pending', 'waiting') THEN 0 ELSE 2 END AS rank, id
+         FROM stored
+         UNION ALL
+         SELECT 'running', at, NULL, sort_at, 1, NULL FROM starts
+         WHERE NOT EXISTS (SELECT 1 FROM stored WHERE stored.status = 'running' AND stored.at = starts.at)
+     ) AS events
+     ORDER BY sort_at, rank, id";
