@@ -258,9 +258,9 @@ impl Store for PostgresStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        // A claim writes no `running` event: the run's start is `started_at`,
-        // which the attempt row keeps once the run ends, and `events` reads it
-        // from there. That is one insert fewer per job.
+        // A claim writes no `running` event, because the run's start is
+        // `started_at`, which the attempt row keeps once the run ends.
+        // `events` reads it from there, and each job costs one insert fewer.
         let rows = sqlx::query(
             "WITH due AS (
                  SELECT id FROM jobs WHERE status = 'pending' AND run_at <= now()
@@ -768,15 +768,16 @@ const NEXT_DUE: &str = "SELECT MIN(next.run_at) FROM generate_series(1, 10) AS p
               ORDER BY run_at LIMIT 1) AS next";
 
 /// A job's status events, oldest first, with the `running` events that
-/// claims no longer write: one at the start of each attempt row, and one for
-/// the run going on now. Databases migrated from before that change hold
-/// real `running` events, which are not repeated.
+/// claims do not store: one at the start of each attempt row, and one for
+/// the run going on now. Databases migrated from older versions store
+/// `running` events too, and those are not repeated.
 ///
-/// Stored events keep their insertion order: each sorts at the latest `at`
-/// up to it. A start sorts at its time, after `pending` and `waiting` events
-/// of the same time and before the others. A run cancelled by a transaction
-/// that began just before the claim committed has an end earlier than its
-/// start, so its start sorts at the earlier of the two.
+/// Stored events keep their insertion order, because each sorts at the
+/// latest `at` up to it. A start sorts at its time, after `pending` and
+/// `waiting` events of the same time and before the others. A run cancelled
+/// by a transaction that began just before the claim committed ends before
+/// it starts (`at` is the start of each transaction), so its start sorts at
+/// the earlier of the two.
 const EVENTS: &str = "WITH stored AS (
          SELECT id, status, at, message, max(at) OVER (ORDER BY id) AS sort_at FROM job_events WHERE job_id = $1
      ), starts AS (
