@@ -793,3 +793,49 @@ const EVENTS: &str = "WITH stored AS (
          WHERE NOT EXISTS (SELECT 1 FROM stored WHERE stored.status = 'running' AND stored.at = starts.at)
      ) AS events
      ORDER BY sort_at, rank, id";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Databases written by versions that stored a `running` event at each
+    /// claim must not show that start twice.
+    #[tokio::test]
+    async fn events_skip_starts_already_stored() {
+        let Some(schema) = jobhost_test_support::postgres_schema().await else { return };
+        let store = PostgresStore::open(&schema.url(), 2).await.expect("open");
+        store.migrate().await.expect("migrate");
+        let job = NewJob {
+            plugin: "demo".to_owned(),
+            method: "echo".to_owned(),
+            params: "null".to_owned(),
+            priority: 5,
+            delay: Duration::ZERO,
+            max_attempts: 3,
+        };
+        let ids = store.dispatch(&[NewChain { head: job, then: Vec::new() }]).await.expect("dispatch");
+        let [id] = ids[..] else { panic!("dispatching one job returned ids {ids:?}") };
+        let claimed = store.claim("owner", 1, Duration::from_secs(30)).await.expect("claim");
+        assert_eq!(claimed.len(), 1, "claimed jobs");
+
+        // The row an older version would have written at the claim.
+        sqlx::query("INSERT INTO job_events (job_id, status, at) SELECT id, 'running', started_at FROM jobs WHERE id = $1")
+            .bind(id)
+            .execute(&store.pool)
+            .await
+            .expect("insert a stored running event");
+        let statuses: Vec<Status> = store.events(id).await.expect("events").into_iter().map(|event| event.status).collect();
+        assert_eq!(statuses, vec![Status::Pending, Status::Running], "events while the job runs");
+
+        let result = Finished {
+            id,
+            attempt: 1,
+            duration: Duration::ZERO,
+            outcome: FinishedOutcome::Succeeded { output: "null".to_owned() },
+        };
+        store.finish("owner", &[result]).await.expect("finish");
+
+        let statuses: Vec<Status> = store.events(id).await.expect("events").into_iter().map(|event| event.status).collect();
+        assert_eq!(statuses, vec![Status::Pending, Status::Running, Status::Succeeded], "events after the run");
+    }
+}
