@@ -226,12 +226,21 @@ async fn dispatch_phase(client: &Client, jobs: usize, batch: usize) -> Result<()
     Ok(())
 }
 
-/// Moves `bar` to the number of succeeded jobs beyond `already`, four times a second.
+/// Moves `bar` to the number of succeeded jobs beyond `already`, once a
+/// second while the bar is drawn.
+///
+/// Each update counts the jobs table in the database being measured. That
+/// took about 25 ms of PostgreSQL's CPU time on 50,000 jobs, so the count
+/// runs once a second at most, and not at all when the bar is hidden
+/// (stderr is not a terminal).
 fn watch_progress(client: &Client, bar: &ProgressBar, already: u64) -> tokio::task::JoinHandle<()> {
     let (store, bar) = (client.store().clone(), bar.clone());
     tokio::spawn(async move {
+        if bar.is_hidden() {
+            return;
+        }
         loop {
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
             if let Ok(counts) = store.counts().await {
                 let done = counts.iter().find(|(status, _)| *status == Status::Succeeded).map_or(0, |(_, count)| *count);
                 bar.set_position(done.saturating_sub(already));

@@ -258,6 +258,9 @@ impl Store for PostgresStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        // A claim writes no `running` event, because the run's start is
+        // `started_at`, which the attempt row keeps once the run ends.
+        // `events` reads it from there, and each job costs one insert fewer.
         let rows = sqlx::query(
             "WITH due AS (
                  SELECT id FROM jobs WHERE status = 'pending' AND run_at <= now()
@@ -270,8 +273,6 @@ impl Store for PostgresStore {
                  FROM due WHERE jobs.id = due.id
                  RETURNING jobs.id, jobs.plugin, jobs.method, jobs.params, jobs.attempts, jobs.max_attempts,
                            jobs.priority, jobs.run_at, jobs.created_at, jobs.started_at
-             ), events AS (
-                 INSERT INTO job_events (job_id, status, at) SELECT id, 'running', now() FROM claimed
              )
              SELECT * FROM claimed",
         )
@@ -507,16 +508,26 @@ impl Store for PostgresStore {
             return Ok(0);
         }
         let mut tx = self.pool.begin().await?;
+        // A handed-back run leaves no attempt row, so its start is written
+        // here as a `running` event, before the `pending` one.
         let handed: Vec<JobId> = sqlx::query_scalar(
-            "WITH handed AS (
+            "WITH running AS (
+                 SELECT id, started_at FROM jobs
+                 WHERE id = ANY($1) AND status = 'running' AND lease_owner = $2
+                 FOR UPDATE
+             ), handed AS (
                  UPDATE jobs SET status = 'pending', attempts = attempts - 1, run_at = now(), updated_at = now(),
                         started_at = NULL, lease_owner = NULL, lease_expires_at = NULL
-                 WHERE id = ANY($1) AND status = 'running' AND lease_owner = $2
-                 RETURNING id
+                 FROM running WHERE jobs.id = running.id
+                 RETURNING jobs.id, running.started_at
              ), events AS (
                  INSERT INTO job_events (job_id, status, at, message)
-                 SELECT id, 'pending', now(), 'handed back unfinished; the interrupted run does not count as an attempt'
-                 FROM handed
+                 SELECT id, event.status, event.at, event.message
+                 FROM handed CROSS JOIN LATERAL (VALUES
+                     (1, 'running', COALESCE(handed.started_at, now()), NULL),
+                     (2, 'pending', now(), 'handed back unfinished; the interrupted run does not count as an attempt')
+                 ) AS event(position, status, at, message)
+                 ORDER BY id, event.position
              )
              SELECT id FROM handed",
         )
@@ -590,10 +601,7 @@ impl Store for PostgresStore {
     }
 
     async fn events(&self, id: JobId) -> Result<Vec<EventRecord>, StoreError> {
-        let rows = sqlx::query("SELECT status, at, message FROM job_events WHERE job_id = $1 ORDER BY id")
-            .bind(id)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(EVENTS).bind(id).fetch_all(&self.pool).await?;
         rows.iter()
             .map(|row| {
                 let status: String = row.try_get("status")?;
@@ -758,3 +766,76 @@ impl Store for PostgresStore {
 const NEXT_DUE: &str = "SELECT MIN(next.run_at) FROM generate_series(1, 10) AS p(priority),
      LATERAL (SELECT run_at FROM jobs WHERE status = 'pending' AND jobs.priority = p.priority
               ORDER BY run_at LIMIT 1) AS next";
+
+/// A job's status events, oldest first, with the `running` events that
+/// claims do not store: one at the start of each attempt row, and one for
+/// the run going on now. Databases migrated from older versions store
+/// `running` events too, and those are not repeated.
+///
+/// Stored events keep their insertion order, because each sorts at the
+/// latest `at` up to it. A start sorts at its time, after `pending` and
+/// `waiting` events of the same time and before the others. A run cancelled
+/// by a transaction that began just before the claim committed ends before
+/// it starts (`at` is the start of each transaction), so its start sorts at
+/// the earlier of the two.
+const EVENTS: &str = "WITH stored AS (
+         SELECT id, status, at, message, max(at) OVER (ORDER BY id) AS sort_at FROM job_events WHERE job_id = $1
+     ), starts AS (
+         SELECT started_at AS at, LEAST(started_at, finished_at) AS sort_at FROM job_attempts WHERE job_id = $1
+         UNION ALL
+         SELECT started_at, started_at FROM jobs WHERE id = $1 AND status = 'running' AND started_at IS NOT NULL
+     )
+     SELECT status, at, message FROM (
+         SELECT status, at, message, sort_at, CASE WHEN status IN ('pending', 'waiting') THEN 0 ELSE 2 END AS rank, id
+         FROM stored
+         UNION ALL
+         SELECT 'running', at, NULL, sort_at, 1, NULL FROM starts
+         WHERE NOT EXISTS (SELECT 1 FROM stored WHERE stored.status = 'running' AND stored.at = starts.at)
+     ) AS events
+     ORDER BY sort_at, rank, id";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Databases written by versions that stored a `running` event at each
+    /// claim must not show that start twice.
+    #[tokio::test]
+    async fn events_skip_starts_already_stored() {
+        let Some(schema) = jobhost_test_support::postgres_schema().await else { return };
+        let store = PostgresStore::open(&schema.url(), 2).await.expect("open");
+        store.migrate().await.expect("migrate");
+        let job = NewJob {
+            plugin: "demo".to_owned(),
+            method: "echo".to_owned(),
+            params: "null".to_owned(),
+            priority: 5,
+            delay: Duration::ZERO,
+            max_attempts: 3,
+        };
+        let ids = store.dispatch(&[NewChain { head: job, then: Vec::new() }]).await.expect("dispatch");
+        let [id] = ids[..] else { panic!("dispatching one job returned ids {ids:?}") };
+        let claimed = store.claim("owner", 1, Duration::from_secs(30)).await.expect("claim");
+        assert_eq!(claimed.len(), 1, "claimed jobs");
+
+        // The row an older version would have written at the claim.
+        sqlx::query("INSERT INTO job_events (job_id, status, at) SELECT id, 'running', started_at FROM jobs WHERE id = $1")
+            .bind(id)
+            .execute(&store.pool)
+            .await
+            .expect("insert a stored running event");
+        let statuses: Vec<Status> = store.events(id).await.expect("events").into_iter().map(|event| event.status).collect();
+        assert_eq!(statuses, vec![Status::Pending, Status::Running], "events while the job runs");
+
+        let result = Finished {
+            id,
+            attempt: 1,
+            duration: Duration::ZERO,
+            outcome: FinishedOutcome::Succeeded { output: "null".to_owned() },
+        };
+        store.finish("owner", &[result]).await.expect("finish");
+
+        let statuses: Vec<Status> = store.events(id).await.expect("events").into_iter().map(|event| event.status).collect();
+        assert_eq!(statuses, vec![Status::Pending, Status::Running, Status::Succeeded], "events after the run");
+    }
+}
