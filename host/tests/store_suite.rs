@@ -1113,6 +1113,8 @@ async fn hand_back_requeues_without_charging_attempt(store: Arc<dyn Store>) -> C
     let foreign_before = record(store, foreign).await?;
     let not_due_before = record(store, not_due).await?;
     assert_eq!(store.hand_back(OWNER, &[]).await?, 0, "handing back no ids");
+    store.renew(OWNER, LEASE, &[(first, Some(0.5))]).await?;
+    assert_eq!(record(store, first).await?.progress, Some(0.5), "renew stores progress");
 
     let unknown = not_due + 1000;
     let handed = store.hand_back(OWNER, &[first, second, foreign, not_due, unknown]).await?;
@@ -1125,6 +1127,7 @@ async fn hand_back_requeues_without_charging_attempt(store: Arc<dyn Store>) -> C
         assert_eq!(stored.attempts, 0, "attempts of handed-back job {id}");
         assert_eq!(stored.lease_owner, None, "lease_owner of job {id}");
         assert_eq!(stored.lease_expires_at, None, "lease_expires_at of job {id}");
+        assert_eq!(stored.progress, None, "the handed-back run's progress is gone from job {id}");
         assert!(stored.run_at <= after, "handed-back job {id} is not due: run_at {}", stored.run_at);
         assert!(store.attempts(id).await?.is_empty(), "handing back job {id} recorded an attempt");
         assert_eq!(event_statuses(store, id).await?, vec![Status::Pending, Status::Running, Status::Pending]);

@@ -517,7 +517,7 @@ impl Store for PostgresStore {
                  FOR UPDATE
              ), handed AS (
                  UPDATE jobs SET status = 'pending', attempts = attempts - 1, run_at = now(), updated_at = now(),
-                        started_at = NULL, lease_owner = NULL, lease_expires_at = NULL
+                        started_at = NULL, progress = NULL, lease_owner = NULL, lease_expires_at = NULL
                  FROM running WHERE jobs.id = running.id
                  RETURNING jobs.id, running.started_at
              ), events AS (

@@ -646,7 +646,7 @@ impl Store for SqliteStore {
         let now = Timestamp::now();
         let handed: Vec<JobId> = sqlx::query_scalar(
             "UPDATE jobs SET status = 'pending', attempts = attempts - 1, run_at = ?3, updated_at = ?3,
-                    started_at = NULL, lease_owner = NULL, lease_expires_at = NULL
+                    started_at = NULL, progress = NULL, lease_owner = NULL, lease_expires_at = NULL
              WHERE id IN (SELECT value FROM json_each(?1)) AND +status = 'running' AND +lease_owner = ?2
              RETURNING id",
         )
