@@ -12,13 +12,13 @@
 //!
 //! A worker that dies while it runs a job fails that run with the reason:
 //! the signal or exit code, and its last line on stderr. Killing a worker is
-//! how timeouts and cancels stop a process-isolated job; the kill goes
-//! through [`RunState::cancel`], which records the worker's pid while it runs
-//! the job.
+//! how timeouts and cancels stop a process-isolated job. The kill goes
+//! through [`RunState::cancel`], which kills the worker that
+//! [`RunState::attach`] recorded for the run.
 //!
 //! Workers are started from one dedicated thread, because the kernel sends
-//! `PR_SET_PDEATHSIG` when the *thread* that started the worker ends; that
-//! thread lives as long as the pool.
+//! the `PR_SET_PDEATHSIG` signal when the *thread* that started the worker
+//! ends, and that thread lives as long as the pool.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
