@@ -345,6 +345,9 @@ impl WorkerProcesses {
 fn start_process(memory_limit: Option<u64>) -> std::io::Result<Child> {
     // /proc/self/exe is this very binary, even if the file on disk was
     // replaced since the daemon started, so the worker speaks its protocol.
+    // NOTE: a program that embeds the daemon through this library must run
+    // `worker::serve` for a `worker` command line, as main.rs does;
+    // otherwise every process-isolated job fails with the program's usage error.
     let mut command = Command::new("/proc/self/exe");
     // `ps` then shows the binary's path rather than /proc/self/exe.
     if let Ok(path) = std::env::current_exe() {
