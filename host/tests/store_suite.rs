@@ -1242,6 +1242,9 @@ async fn cancel_stops_unfinished_jobs_and_descendants(store: Arc<dyn Store>) -> 
     assert_eq!(stored.lease_owner, None);
     assert_eq!(stored.lease_expires_at, None);
     assert!(stored.finished_at.is_some(), "a cancelled running job has no finished_at");
+    let attempts = store.attempts(running).await?;
+    assert_eq!(attempts.len(), 1, "the interrupted run is an attempt: {attempts:?}");
+    assert!(attempts[0].duration.is_some(), "the interrupted run has the time it ran until the cancel: {attempts:?}");
     Ok(())
 }
 

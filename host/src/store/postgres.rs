@@ -661,7 +661,9 @@ impl Store for PostgresStore {
             // The interrupted run is an attempt too; its result, if it comes, is discarded.
             sqlx::query(
                 "INSERT INTO job_attempts (job_id, attempt, started_at, finished_at, duration_us, error, owner)
-                 SELECT id, attempts, COALESCE(started_at, now()), now(), NULL, $2, lease_owner FROM jobs WHERE id = $1
+                 SELECT id, attempts, COALESCE(started_at, now()), now(),
+                        (extract(epoch FROM now() - COALESCE(started_at, now())) * 1000000)::bigint, $2, lease_owner
+                 FROM jobs WHERE id = $1
                  ON CONFLICT (job_id, attempt) DO NOTHING",
             )
             .bind(id)

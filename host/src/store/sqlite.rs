@@ -811,7 +811,7 @@ impl Store for SqliteStore {
             // The interrupted run is an attempt too; its result, if it comes, is discarded.
             sqlx::query(
                 "INSERT OR IGNORE INTO job_attempts (job_id, attempt, started_at, finished_at, duration_us, error, owner)
-                 SELECT id, attempts, COALESCE(started_at, ?2), ?2, NULL, ?3, lease_owner FROM jobs WHERE id = ?1",
+                 SELECT id, attempts, COALESCE(started_at, ?2), ?2, ?2 - COALESCE(started_at, ?2), ?3, lease_owner FROM jobs WHERE id = ?1",
             )
             .bind(id)
             .bind(now.0)
