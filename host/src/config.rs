@@ -324,7 +324,8 @@ impl Config {
         let source = Source { path, text };
         let raw: RawConfig = toml::from_str(text).map_err(|error| {
             let line = error.span().map(|span| source.line(&span));
-            let mut message = error.message().trim().replace('\n', " ");
+            // serde names Rust types; a whole number is what the file needs.
+            let mut message = error.message().trim().replace('\n', " ").replace("expected i64", "expected a whole number");
             // The message of a type error names no key, so quote the line.
             if let Some(quoted) = line.and_then(|line| text.lines().nth(line - 1)).map(str::trim)
                 && !quoted.is_empty()
@@ -1098,6 +1099,7 @@ isolation = "inprocess"
         assert_eq!(found.len(), 1);
         assert!(found[0].starts_with("/srv/jobs.toml:2:"), "{}", found[0]);
         assert!(found[0].ends_with("in `concurrency = \"many\"`"), "the line is quoted: {}", found[0]);
+        assert!(found[0].contains("expected a whole number"), "no Rust type names: {}", found[0]);
         assert!(!found[0].contains('\n'));
     }
 
