@@ -395,3 +395,41 @@ fn workers_are_named_in_ps() {
     let program = cmdline.split('\0').next().unwrap();
     assert_eq!(std::path::Path::new(program), build().jobhost, "argv[0] is the binary's path");
 }
+
+#[test]
+fn worker_runs_jobs_with_stderr_closed() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+
+    let mut worker = Command::new(&build().jobhost)
+        .args(["worker", "--parent", &std::process::id().to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the worker starts");
+    // Nobody reads its stderr: each write there fails with EPIPE.
+    drop(worker.stderr.take());
+    let request = serde_json::json!({
+        "job_id": 7, "attempt": 1, "library": build().demo, "method": "handle", "params": "\"still runs\"",
+    });
+    let mut input = worker.stdin.take().unwrap();
+    writeln!(input, "{request}").unwrap();
+
+    let mut output = BufReader::new(worker.stdout.take().unwrap());
+    let mut replies = Vec::new();
+    let mut line = String::new();
+    while output.read_line(&mut line).unwrap() > 0 {
+        let reply: Value = serde_json::from_str(&line).unwrap();
+        line.clear();
+        let done = reply["kind"] != "log" && reply["kind"] != "progress";
+        replies.push(reply);
+        if done {
+            break;
+        }
+    }
+    drop(input);
+    assert_eq!(replies.last().map(|reply| reply["kind"].clone()), Some(Value::from("succeeded")), "{replies:?}");
+    assert_eq!(replies.last().unwrap()["output"], "\"still runs\"");
+    assert!(worker.wait().unwrap().success(), "the worker exits cleanly when stdin closes");
+}

@@ -168,9 +168,11 @@ pub fn serve(args: &WorkerArgs) -> ExitCode {
         }
         let reply = match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
-                eprintln!("{JOB_MARKER}{}", request.job_id);
+                // Unlike eprintln!, a failed write here does not panic: the
+                // markers only label output, and the job must run regardless.
+                let _ = writeln!(std::io::stderr(), "{JOB_MARKER}{}", request.job_id);
                 let reply = run(&request, &mut libraries, &channel);
-                eprintln!("{JOB_MARKER}");
+                let _ = writeln!(std::io::stderr(), "{JOB_MARKER}");
                 reply
             }
             Err(error) => Reply::Failed { message: format!("the worker received a job it cannot read: {error}") },
