@@ -121,7 +121,17 @@ fn killed_daemon_jobs_are_rescued() {
         let job = &jobs[id];
         let attempts = job["attempts"].as_u64().unwrap() as usize;
         let recorded = runs.get(id).map_or(0, Vec::len);
-        assert_eq!(recorded, attempts, "job {id}: the plugin ran it {recorded} times, the job counts {attempts} attempts");
+        if attempts == 1 {
+            assert_eq!(recorded, 1, "job {id}: the plugin ran it {recorded} times in one attempt");
+        } else {
+            // The killed daemon may have claimed the job and died before its
+            // worker process reached the plugin: that attempt is charged, and
+            // nothing ran in it. No attempt may run the plugin twice.
+            assert!(
+                recorded == attempts || recorded + 1 == attempts,
+                "job {id}: the plugin ran it {recorded} times, the job counts {attempts} attempts"
+            );
+        }
         if attempts > 1 {
             rescued += 1;
             let job = env.show(*id);
