@@ -408,7 +408,7 @@ fn worker_runs_jobs_with_stderr_closed() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("the worker starts");
-    // Nobody reads its stderr: each write there fails with EPIPE.
+    // The read end of its stderr is closed, so each write there fails with EPIPE.
     drop(worker.stderr.take());
     let request = serde_json::json!({
         "job_id": 7, "attempt": 1, "library": build().demo, "method": "handle", "params": "\"still runs\"",

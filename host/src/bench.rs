@@ -53,7 +53,7 @@ pub struct BenchArgs {
     /// Daemon processes sharing the queue in the second drain; 0 or 1 skips it.
     #[arg(long, default_value_t = 3)]
     daemons: usize,
-    /// Where the no-op jobs run: process (worker processes) or inprocess.
+    /// The place the no-op jobs run: process (worker processes) or inprocess.
     #[arg(long, default_value = "process", value_parser = ["process", "inprocess"])]
     isolation: String,
     /// Replace each worker process after this many jobs; 1 starts a process

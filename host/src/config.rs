@@ -236,7 +236,7 @@ pub struct MethodSettings {
     pub max_retry_delay: Duration,
     /// Maximum run time before a run counts as failed. Default: none.
     pub timeout: Option<Duration>,
-    /// Where the method runs: in a worker process, or in the daemon. Default: process.
+    /// The place the method runs: a worker process, or the daemon itself. Default: process.
     pub isolation: Isolation,
     /// Cap on the memory of the worker processes that run the method, in
     /// bytes. Default: none.
@@ -284,7 +284,7 @@ pub enum Backoff {
     Exponential,
 }
 
-/// Where a method runs.
+/// The place a method runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isolation {
     /// In a long-lived worker process: a crash, an endless loop or runaway
@@ -854,8 +854,8 @@ pub fn format_size(bytes: u64) -> String {
 }
 
 /// Parses a `memory_limit`: a size such as `"256MiB"`, `"1 GiB"` or
-/// `"512MB"`, or `"none"` for no limit. An error completes the sentence
-/// `memory_limit = "…" ` and says what to write instead.
+/// `"512MB"`, or `"none"` for no limit. An error message completes the
+/// sentence `memory_limit = "…" ` and names what to write instead.
 pub fn parse_memory_limit(text: &str) -> Result<Option<u64>, String> {
     let trimmed = text.trim();
     if trimmed == "none" {

@@ -11,10 +11,10 @@
 //!
 //! A run with a `timeout` gets a watchdog task. Whichever of the two
 //! finishes the run first reports it (see [`RunState::finish`]). When the
-//! watchdog wins, the job is reported as timed out and the run is cancelled:
-//! a worker process is killed; an in-process method is asked to stop, and a
-//! new thread replaces the one still inside it, which exits once the method
-//! returns.
+//! watchdog wins, the job is reported as timed out and the run is cancelled.
+//! A worker process is killed. An in-process method gets a stop request
+//! through its context, and a new thread replaces the one still inside it,
+//! which exits once the method returns.
 //!
 //! The plugin reaches back into the host only through [`HostCallbacks`],
 //! with a pointer to the [`RunState`] of its job, which outlives the call.
@@ -94,8 +94,8 @@ impl RunState {
         }
     }
 
-    /// Stops the run: kills its worker process, or asks an in-process
-    /// method to stop. Returns false if it had been cancelled already.
+    /// Stops the run: kills its worker process, or sets the flag an
+    /// in-process method reads. Returns false if it was cancelled already.
     pub fn cancel(&self) -> bool {
         let first = !self.cancelled.swap(true, Ordering::AcqRel);
         // The lock keeps the pid from being reaped, and reused, during the kill.

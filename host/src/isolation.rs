@@ -48,7 +48,7 @@ pub struct WorkerProcesses {
     idle: Mutex<Vec<WorkerProcess>>,
     /// Workers started and not yet reaped.
     alive: Mutex<usize>,
-    gone: Condvar,
+    reap_notice: Condvar,
     capacity: usize,
     max_jobs: Option<u64>,
     stopping: AtomicBool,
@@ -109,7 +109,7 @@ impl WorkerProcesses {
         Arc::new(Self {
             idle: Mutex::new(Vec::new()),
             alive: Mutex::new(0),
-            gone: Condvar::new(),
+            reap_notice: Condvar::new(),
             capacity: capacity.max(1),
             max_jobs,
             stopping: AtomicBool::new(false),
@@ -129,9 +129,9 @@ impl WorkerProcesses {
         let request = Request {
             job_id: run.job.id,
             attempt: run.job.attempt,
-            library: run.plugin.loaded_from.clone(),
-            method: run.job.method.clone(),
-            params: run.job.params.clone(),
+            library: run.plugin.loaded_from.as_path().into(),
+            method: run.job.method.as_str().into(),
+            params: run.job.params.as_str().into(),
         };
         let mut line = match serde_json::to_vec(&request) {
             Ok(line) => line,
@@ -298,8 +298,8 @@ impl WorkerProcesses {
         self.reaped();
         let pid = worker.pid;
         if !had_job {
-            let how = status.map_or_else(|error| format!("was lost ({error})"), |status| describe_status(status));
-            return format!("idle worker process {pid} {how} before it received the job");
+            let ending = status.map_or_else(|error| format!("was lost ({error})"), describe_status);
+            return format!("idle worker process {pid} {ending} before it received the job");
         }
         let last_line = worker.stderr.last_words(Duration::from_millis(200));
         let reason = match status {
@@ -317,7 +317,7 @@ impl WorkerProcesses {
         let mut alive = self.alive.lock().unwrap();
         *alive = alive.saturating_sub(1);
         self.metrics.count_workers(-1);
-        self.gone.notify_all();
+        self.reap_notice.notify_all();
     }
 
     fn retire_idle(&self) {
@@ -335,9 +335,9 @@ impl WorkerProcesses {
 
     /// Waits until every worker has been reaped, or `timeout` passes.
     /// Returns how many are left.
-    pub fn wait_until_gone(&self, timeout: Duration) -> usize {
+    pub fn wait_until_reaped(&self, timeout: Duration) -> usize {
         let alive = self.alive.lock().unwrap();
-        let (alive, _) = self.gone.wait_timeout_while(alive, timeout, |alive| *alive > 0).unwrap();
+        let (alive, _) = self.reap_notice.wait_timeout_while(alive, timeout, |alive| *alive > 0).unwrap();
         *alive
     }
 }
@@ -346,8 +346,8 @@ fn start_process(memory_limit: Option<u64>) -> std::io::Result<Child> {
     // /proc/self/exe is this very binary, even if the file on disk was
     // replaced since the daemon started, so the worker speaks its protocol.
     // NOTE: a program that embeds the daemon through this library must run
-    // `worker::serve` for a `worker` command line, as main.rs does;
-    // otherwise every process-isolated job fails with the program's usage error.
+    // `worker::serve` for a `worker` command line, as main.rs does. Otherwise
+    // every process-isolated job fails with that program's usage error.
     let mut command = Command::new("/proc/self/exe");
     // `ps` then shows the binary's path rather than /proc/self/exe.
     if let Ok(path) = std::env::current_exe() {
@@ -427,15 +427,15 @@ fn describe_status(status: ExitStatus) -> String {
 
 /// Explains how a worker ended while it ran a job.
 fn describe_death(pid: u32, status: ExitStatus, last_line: &str, memory_limit: Option<u64>, killed_by_daemon: bool) -> String {
-    let how = describe_status(status);
+    let ending = describe_status(status);
     let out_of_memory = last_line.starts_with("memory allocation of");
     let mut reason = match memory_limit {
         Some(limit) if out_of_memory => format!(
-            "worker process {pid} ran out of memory: the job needed more than memory_limit = \"{}\", and the worker {how}",
+            "worker process {pid} ran out of memory: the job needed more than memory_limit = \"{}\", and the worker {ending}",
             crate::config::format_size(limit)
         ),
-        None if out_of_memory => format!("worker process {pid} ran out of memory and {how}"),
-        _ => format!("worker process {pid} {how} while it ran the job"),
+        None if out_of_memory => format!("worker process {pid} ran out of memory and {ending}"),
+        _ => format!("worker process {pid} {ending} while it ran the job"),
     };
     if killed_by_daemon {
         reason.push_str(", because the job was cancelled or timed out");

@@ -663,7 +663,7 @@ async fn shut_down(shared: &Arc<Shared>, pool: &WorkerPool) {
     hand_back(shared, not_started).await;
 
     let workers = pool.worker_processes();
-    let left = tokio::task::spawn_blocking(move || workers.wait_until_gone(WORKER_EXIT_WAIT)).await.unwrap_or(0);
+    let left = tokio::task::spawn_blocking(move || workers.wait_until_reaped(WORKER_EXIT_WAIT)).await.unwrap_or(0);
     if left > 0 {
         warn!(target: "jobhost::daemon", worker_processes = left, "worker processes did not exit in time; they are killed when the daemon exits");
     }

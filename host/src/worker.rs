@@ -6,9 +6,8 @@
 //! of log lines and progress reports, then exactly one outcome. Each line is
 //! one JSON object.
 //!
-//! The replies go to a copy of the original stdout; file descriptor 1 is
-//! then pointed at stderr, so that a plugin that prints cannot corrupt the
-//! channel. Whatever reaches stderr (a panic message, an allocation failure)
+//! The replies go to a copy of the original stdout. File descriptor 1 then
+//! points at stderr, so a plugin that prints cannot corrupt the channel. Whatever reaches stderr (a panic message, an allocation failure)
 //! is logged by the daemon and quoted when the worker dies. Before and after
 //! each job the worker writes a marker line to stderr ([`JOB_MARKER`]), so
 //! that the daemon can tell which job printed each line.
@@ -17,12 +16,13 @@
 //! daemon dies (`PR_SET_PDEATHSIG`), so that a job that loops forever cannot
 //! outlive a daemon that was killed with SIGKILL.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::fs::File;
 use std::io::{BufRead, BufWriter, Write};
 use std::os::fd::FromRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Mutex, OnceLock};
 
@@ -48,16 +48,19 @@ pub struct WorkerArgs {
     pub memory_limit: Option<u64>,
 }
 
-/// One job for a worker to run.
+/// One job for a worker to run. The fields borrow from the daemon's run,
+/// so that sending a job copies its params only into the encoded line.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct Request {
+pub struct Request<'a> {
     pub job_id: JobId,
     pub attempt: u32,
     /// The library to run it from: the content-addressed copy the daemon loaded.
-    pub library: PathBuf,
-    pub method: String,
+    pub library: Cow<'a, Path>,
+    #[serde(borrow)]
+    pub method: Cow<'a, str>,
     /// Params as JSON text.
-    pub params: String,
+    #[serde(borrow)]
+    pub params: Cow<'a, str>,
 }
 
 /// A message a worker sends back while and after it runs a [`Request`].
@@ -217,11 +220,11 @@ struct RunChannel<'a> {
     channel: &'a Channel,
 }
 
-fn run(request: &Request, libraries: &mut HashMap<PathBuf, PluginModuleRef>, channel: &Channel) -> Reply {
-    let module = match libraries.get(&request.library) {
+fn run(request: &Request<'_>, libraries: &mut HashMap<PathBuf, PluginModuleRef>, channel: &Channel) -> Reply {
+    let module = match libraries.get(&*request.library) {
         Some(module) => *module,
         None => match crate::registry::open_library(&request.library) {
-            Ok(module) => *libraries.entry(request.library.clone()).or_insert(module),
+            Ok(module) => *libraries.entry(request.library.to_path_buf()).or_insert(module),
             Err(problem) => {
                 return Reply::Failed { message: format!("the worker process cannot load {}: {problem}", request.library.display()) };
             }

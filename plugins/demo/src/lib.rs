@@ -164,9 +164,9 @@ fn spin(ctx: &JobContext, _params: serde_json::Value) -> Result<(), JobError> {
 fn hog(ctx: &JobContext, _params: serde_json::Value) -> Result<(), JobError> {
     const CHUNK: usize = 16 << 20;
     ctx.log("allocating without limit");
-    let mut held: Vec<Vec<u8>> = Vec::new();
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
     loop {
-        held.push(std::hint::black_box(vec![1u8; CHUNK]));
+        chunks.push(std::hint::black_box(vec![1u8; CHUNK]));
     }
 }
 
