@@ -35,6 +35,21 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgre
 const JOB_COLUMNS: &str = "id, plugin, method, params, status, priority, attempts, max_attempts, run_at, created_at, \
      started_at, finished_at, output, last_error, progress, parent_id, lease_owner, lease_expires_at";
 
+/// A job's attempts: the rows of `job_attempts`, and for a succeeded job its
+/// last attempt, which the job row keeps (a success writes no attempt row).
+/// Databases migrated from older versions store that attempt too, and then
+/// it is not repeated.
+macro_rules! attempts_query {
+    () => {
+        "SELECT attempt, started_at, finished_at, duration_us, error, owner FROM job_attempts WHERE job_id = $1
+         UNION ALL
+         SELECT attempts, COALESCE(started_at, finished_at), finished_at, attempt_duration_us, NULL, attempt_owner
+         FROM jobs
+         WHERE id = $1 AND status = 'succeeded'
+           AND NOT EXISTS (SELECT 1 FROM job_attempts WHERE job_id = $1 AND attempt = jobs.attempts)"
+    };
+}
+
 /// The jobs table in a PostgreSQL database (in the first schema of the
 /// connection's `search_path`).
 #[derive(Clone)]
@@ -95,7 +110,8 @@ impl PostgresStore {
             }
 
             // nextval() runs in the order of the ordered SELECT, so the
-            // sorted ids of this INSERT line up with its input rows.
+            // sorted ids of this INSERT line up with its input rows. No
+            // event row: `events` reads the first one from created_at.
             let mut ids: Vec<JobId> = sqlx::query_scalar(
                 "WITH inserted AS (
                      INSERT INTO jobs (plugin, method, params, priority, status, run_at, delay_us, max_attempts,
@@ -106,9 +122,7 @@ impl PostgresStore {
                                  $7::int[], $8::bigint[])
                           WITH ORDINALITY AS input(plugin, method, params, priority, status, delay_us, max_attempts, parent, position)
                      ORDER BY position
-                     RETURNING id, status
-                 ), events AS (
-                     INSERT INTO job_events (job_id, status, at) SELECT id, status, now() FROM inserted
+                     RETURNING id
                  )
                  SELECT id FROM inserted",
             )
@@ -329,6 +343,8 @@ impl Store for PostgresStore {
             durations.push(micros(result.duration));
         }
 
+        // A success writes no history rows: the job row keeps its owner and
+        // duration, and `attempts` and `events` read them from there.
         let mut tx = self.pool.begin().await?;
         let written = sqlx::query(
             "WITH results AS (
@@ -342,6 +358,8 @@ impl Store for PostgresStore {
                      run_at = CASE r.kind WHEN 'retry' THEN now() + r.delay_us * interval '1 microsecond' ELSE jobs.run_at END,
                      finished_at = CASE r.kind WHEN 'retry' THEN NULL ELSE now() END,
                      progress = CASE r.kind WHEN 'succeeded' THEN 1.0 ELSE jobs.progress END,
+                     attempt_owner = CASE r.kind WHEN 'succeeded' THEN $8 END,
+                     attempt_duration_us = CASE r.kind WHEN 'succeeded' THEN r.duration_us END,
                      lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
                  FROM results AS r
                  WHERE jobs.id = r.id AND jobs.status = 'running' AND jobs.lease_owner = $8 AND jobs.attempts = r.attempt
@@ -349,11 +367,13 @@ impl Store for PostgresStore {
              ), attempts AS (
                  INSERT INTO job_attempts (job_id, attempt, started_at, finished_at, duration_us, error, owner)
                  SELECT id, attempts, COALESCE(started_at, now()), now(), duration_us, error, $8 FROM written
+                 WHERE status <> 'succeeded'
                  ON CONFLICT (job_id, attempt) DO UPDATE SET
                      finished_at = EXCLUDED.finished_at, duration_us = EXCLUDED.duration_us,
                      error = EXCLUDED.error, owner = EXCLUDED.owner
              ), events AS (
-                 INSERT INTO job_events (job_id, status, at, message) SELECT id, status, now(), error FROM written
+                 INSERT INTO job_events (job_id, status, at, message)
+                 SELECT id, status, now(), error FROM written WHERE status <> 'succeeded'
              )
              SELECT id, status, attempts FROM written",
         )
@@ -579,10 +599,7 @@ impl Store for PostgresStore {
     }
 
     async fn attempts(&self, id: JobId) -> Result<Vec<AttemptRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT attempt, started_at, finished_at, duration_us, error, owner FROM job_attempts
-             WHERE job_id = $1 ORDER BY attempt",
-        )
+        let rows = sqlx::query(concat!(attempts_query!(), " ORDER BY attempt"))
         .bind(id)
         .fetch_all(&self.pool)
         .await?;
@@ -769,10 +786,17 @@ const NEXT_DUE: &str = "SELECT MIN(next.run_at) FROM generate_series(1, 10) AS p
      LATERAL (SELECT run_at FROM jobs WHERE status = 'pending' AND jobs.priority = p.priority
               ORDER BY run_at LIMIT 1) AS next";
 
-/// A job's status events, oldest first, with the `running` events that
-/// claims do not store: one at the start of each attempt row, and one for
-/// the run going on now. Databases migrated from older versions store
-/// `running` events too, and those are not repeated.
+/// A job's status events, oldest first. Three kinds are read from other rows
+/// instead of being stored:
+///
+/// - the first event, `pending` (or `waiting` for a chained job), at the
+///   job's creation;
+/// - a `running` event at the start of each attempt, and one for the run
+///   going on now;
+/// - the `succeeded` event, at the job's end.
+///
+/// Databases migrated from older versions store some of these too, and a
+/// stored event of the same status and time is not repeated.
 ///
 /// Stored events keep their insertion order, because each sorts at the
 /// latest `at` up to it. A start sorts at its time, after `pending` and
@@ -780,30 +804,54 @@ const NEXT_DUE: &str = "SELECT MIN(next.run_at) FROM generate_series(1, 10) AS p
 /// by a transaction that began just before the claim committed ends before
 /// it starts (`at` is the start of each transaction), so its start sorts at
 /// the earlier of the two.
-const EVENTS: &str = "WITH stored AS (
+const EVENTS: &str = concat!(
+    "WITH stored AS (
          SELECT id, status, at, message, max(at) OVER (ORDER BY id) AS sort_at FROM job_events WHERE job_id = $1
-     ), starts AS (
-         SELECT started_at AS at, LEAST(started_at, finished_at) AS sort_at FROM job_attempts WHERE job_id = $1
+     ), job AS (
+         SELECT status, parent_id, created_at, started_at, finished_at FROM jobs WHERE id = $1
+     ), runs AS (",
+    attempts_query!(),
+    "), starts AS (
+         SELECT started_at AS at, LEAST(started_at, finished_at) AS sort_at FROM runs
          UNION ALL
-         SELECT started_at, started_at FROM jobs WHERE id = $1 AND status = 'running' AND started_at IS NOT NULL
+         SELECT started_at, started_at FROM job WHERE status = 'running' AND started_at IS NOT NULL
+     ), read AS (
+         SELECT CASE WHEN parent_id IS NULL THEN 'pending' ELSE 'waiting' END AS status, created_at AS at,
+                created_at AS sort_at, -1 AS rank
+         FROM job
+         UNION ALL
+         SELECT 'running', at, sort_at, 1 FROM starts
+         UNION ALL
+         SELECT 'succeeded', finished_at, finished_at, 3 FROM job WHERE status = 'succeeded'
      )
      SELECT status, at, message FROM (
          SELECT status, at, message, sort_at, CASE WHEN status IN ('pending', 'waiting') THEN 0 ELSE 2 END AS rank, id
          FROM stored
          UNION ALL
-         SELECT 'running', at, NULL, sort_at, 1, NULL FROM starts
-         WHERE NOT EXISTS (SELECT 1 FROM stored WHERE stored.status = 'running' AND stored.at = starts.at)
+         SELECT status, at, NULL, sort_at, rank, NULL FROM read
+         WHERE NOT EXISTS (SELECT 1 FROM stored WHERE stored.status = read.status AND stored.at = read.at)
      ) AS events
-     ORDER BY sort_at, rank, id";
+     ORDER BY sort_at, rank, id"
+);
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Databases written by versions that stored a `running` event at each
-    /// claim must not show that start twice.
+    async fn execute(store: &PostgresStore, sql: &str, id: JobId) {
+        sqlx::query(sql).bind(id).execute(&store.pool).await.unwrap_or_else(|error| panic!("{sql}: {error}"));
+    }
+
+    async fn statuses(store: &PostgresStore, id: JobId) -> Vec<Status> {
+        store.events(id).await.expect("events").into_iter().map(|event| event.status).collect()
+    }
+
+    /// Databases written by older versions hold history rows that the store
+    /// now reads from the job row instead: the dispatch event, a `running`
+    /// event at each claim, and the attempt row and event of a success. None
+    /// of them may show twice.
     #[tokio::test]
-    async fn events_skip_starts_already_stored() {
+    async fn events_of_older_versions_not_repeated() {
         let Some(schema) = jobhost_test_support::postgres_schema().await else { return };
         let store = PostgresStore::open(&schema.url(), 2).await.expect("open");
         store.migrate().await.expect("migrate");
@@ -817,27 +865,72 @@ mod tests {
         };
         let ids = store.dispatch(&[NewChain { head: job, then: Vec::new() }]).await.expect("dispatch");
         let [id] = ids[..] else { panic!("dispatching one job returned ids {ids:?}") };
+        // Each row is written where an older version wrote it.
+        execute(&store, "INSERT INTO job_events (job_id, status, at) SELECT id, 'pending', created_at FROM jobs WHERE id = $1", id)
+            .await;
+        assert_eq!(statuses(&store, id).await, vec![Status::Pending], "events of the pending job");
+
         let claimed = store.claim("owner", 1, Duration::from_secs(30)).await.expect("claim");
         assert_eq!(claimed.len(), 1, "claimed jobs");
-
-        // The row an older version would have written at the claim.
-        sqlx::query("INSERT INTO job_events (job_id, status, at) SELECT id, 'running', started_at FROM jobs WHERE id = $1")
-            .bind(id)
-            .execute(&store.pool)
-            .await
-            .expect("insert a stored running event");
-        let statuses: Vec<Status> = store.events(id).await.expect("events").into_iter().map(|event| event.status).collect();
-        assert_eq!(statuses, vec![Status::Pending, Status::Running], "events while the job runs");
+        execute(&store, "INSERT INTO job_events (job_id, status, at) SELECT id, 'running', started_at FROM jobs WHERE id = $1", id)
+            .await;
+        assert_eq!(statuses(&store, id).await, vec![Status::Pending, Status::Running], "events while the job runs");
 
         let result = Finished {
             id,
             attempt: 1,
-            duration: Duration::ZERO,
+            duration: Duration::from_millis(7),
+            outcome: FinishedOutcome::Succeeded { output: "null".to_owned() },
+        };
+        store.finish("owner", &[result]).await.expect("finish");
+        let derived = store.attempts(id).await.expect("attempts");
+        execute(
+            &store,
+            "INSERT INTO job_attempts (job_id, attempt, started_at, finished_at, duration_us, error, owner)
+             SELECT id, attempts, started_at, finished_at, 7000, NULL, 'owner' FROM jobs WHERE id = $1",
+            id,
+        )
+        .await;
+        execute(&store, "INSERT INTO job_events (job_id, status, at) SELECT id, 'succeeded', finished_at FROM jobs WHERE id = $1", id)
+            .await;
+
+        assert_eq!(statuses(&store, id).await, vec![Status::Pending, Status::Running, Status::Succeeded], "events after the run");
+        let stored = store.attempts(id).await.expect("attempts");
+        assert_eq!(stored, derived, "the stored attempt row and the one read from the job differ");
+        assert_eq!(stored.len(), 1, "attempts: {stored:?}");
+        assert_eq!(stored[0].owner.as_deref(), Some("owner"));
+        assert_eq!(stored[0].duration, Some(Duration::from_millis(7)));
+    }
+
+    /// A success, the commonest end of a job, writes no history row.
+    #[tokio::test]
+    async fn success_writes_no_history_rows() {
+        let Some(schema) = jobhost_test_support::postgres_schema().await else { return };
+        let store = PostgresStore::open(&schema.url(), 2).await.expect("open");
+        store.migrate().await.expect("migrate");
+        let job = NewJob {
+            plugin: "demo".to_owned(),
+            method: "echo".to_owned(),
+            params: "null".to_owned(),
+            priority: 5,
+            delay: Duration::ZERO,
+            max_attempts: 3,
+        };
+        let ids = store.dispatch(&[NewChain { head: job, then: Vec::new() }]).await.expect("dispatch");
+        let claimed = store.claim("owner", 1, Duration::from_secs(30)).await.expect("claim");
+        let result = Finished {
+            id: ids[0],
+            attempt: claimed[0].attempt,
+            duration: Duration::from_millis(3),
             outcome: FinishedOutcome::Succeeded { output: "null".to_owned() },
         };
         store.finish("owner", &[result]).await.expect("finish");
 
-        let statuses: Vec<Status> = store.events(id).await.expect("events").into_iter().map(|event| event.status).collect();
-        assert_eq!(statuses, vec![Status::Pending, Status::Running, Status::Succeeded], "events after the run");
+        let rows: i64 = sqlx::query_scalar("SELECT (SELECT count(*) FROM job_events) + (SELECT count(*) FROM job_attempts)")
+            .fetch_one(&store.pool)
+            .await
+            .expect("count history rows");
+        assert_eq!(rows, 0, "history rows written for one successful job");
+        assert_eq!(statuses(&store, ids[0]).await, vec![Status::Pending, Status::Running, Status::Succeeded]);
     }
 }
