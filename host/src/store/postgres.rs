@@ -275,20 +275,19 @@ impl Store for PostgresStore {
         // A claim writes no `running` event, because the run's start is
         // `started_at`, which the attempt row keeps once the run ends.
         // `events` reads it from there, and each job costs one insert fewer.
+        // The chosen ids go to the update as an array, so that it finds each
+        // row by its key: joined to the subquery instead, the update was
+        // planned as a hash join over a scan of the whole table.
         let rows = sqlx::query(
-            "WITH due AS (
+            "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = now(), updated_at = now(),
+                    finished_at = NULL, progress = NULL, lease_owner = $1,
+                    lease_expires_at = now() + $2 * interval '1 microsecond'
+             WHERE id = ANY(ARRAY(
                  SELECT id FROM jobs WHERE status = 'pending' AND run_at <= now()
                  ORDER BY priority, run_at, id LIMIT $3
                  FOR UPDATE SKIP LOCKED
-             ), claimed AS (
-                 UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = now(), updated_at = now(),
-                        finished_at = NULL, progress = NULL, lease_owner = $1,
-                        lease_expires_at = now() + $2 * interval '1 microsecond'
-                 FROM due WHERE jobs.id = due.id
-                 RETURNING jobs.id, jobs.plugin, jobs.method, jobs.params, jobs.attempts, jobs.max_attempts,
-                           jobs.priority, jobs.run_at, jobs.created_at, jobs.started_at
-             )
-             SELECT * FROM claimed",
+             ))
+             RETURNING id, plugin, method, params, attempts, max_attempts, priority, run_at, created_at, started_at",
         )
         .bind(owner)
         .bind(micros(lease))
