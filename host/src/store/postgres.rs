@@ -837,6 +837,24 @@ const EVENTS: &str = concat!(
 mod tests {
     use super::*;
 
+    /// Opens a store in a new schema and dispatches one job to it.
+    async fn store_with_one_job() -> Option<(jobhost_test_support::TestSchema, PostgresStore, JobId)> {
+        let schema = jobhost_test_support::postgres_schema().await?;
+        let store = PostgresStore::open(&schema.url(), 2).await.expect("open");
+        store.migrate().await.expect("migrate");
+        let job = NewJob {
+            plugin: "demo".to_owned(),
+            method: "echo".to_owned(),
+            params: "null".to_owned(),
+            priority: 5,
+            delay: Duration::ZERO,
+            max_attempts: 3,
+        };
+        let ids = store.dispatch(&[NewChain { head: job, then: Vec::new() }]).await.expect("dispatch");
+        let [id] = ids[..] else { panic!("dispatching one job returned ids {ids:?}") };
+        Some((schema, store, id))
+    }
+
     async fn execute(store: &PostgresStore, sql: &str, id: JobId) {
         sqlx::query(sql).bind(id).execute(&store.pool).await.unwrap_or_else(|error| panic!("{sql}: {error}"));
     }
@@ -851,19 +869,7 @@ mod tests {
     /// of them may show twice.
     #[tokio::test]
     async fn events_of_older_versions_not_repeated() {
-        let Some(schema) = jobhost_test_support::postgres_schema().await else { return };
-        let store = PostgresStore::open(&schema.url(), 2).await.expect("open");
-        store.migrate().await.expect("migrate");
-        let job = NewJob {
-            plugin: "demo".to_owned(),
-            method: "echo".to_owned(),
-            params: "null".to_owned(),
-            priority: 5,
-            delay: Duration::ZERO,
-            max_attempts: 3,
-        };
-        let ids = store.dispatch(&[NewChain { head: job, then: Vec::new() }]).await.expect("dispatch");
-        let [id] = ids[..] else { panic!("dispatching one job returned ids {ids:?}") };
+        let Some((_schema, store, id)) = store_with_one_job().await else { return };
         // Each row is written where an older version wrote it.
         execute(&store, "INSERT INTO job_events (job_id, status, at) SELECT id, 'pending', created_at FROM jobs WHERE id = $1", id)
             .await;
@@ -904,21 +910,10 @@ mod tests {
     /// A success, the commonest end of a job, writes no history row.
     #[tokio::test]
     async fn success_writes_no_history_rows() {
-        let Some(schema) = jobhost_test_support::postgres_schema().await else { return };
-        let store = PostgresStore::open(&schema.url(), 2).await.expect("open");
-        store.migrate().await.expect("migrate");
-        let job = NewJob {
-            plugin: "demo".to_owned(),
-            method: "echo".to_owned(),
-            params: "null".to_owned(),
-            priority: 5,
-            delay: Duration::ZERO,
-            max_attempts: 3,
-        };
-        let ids = store.dispatch(&[NewChain { head: job, then: Vec::new() }]).await.expect("dispatch");
+        let Some((_schema, store, id)) = store_with_one_job().await else { return };
         let claimed = store.claim("owner", 1, Duration::from_secs(30)).await.expect("claim");
         let result = Finished {
-            id: ids[0],
+            id,
             attempt: claimed[0].attempt,
             duration: Duration::from_millis(3),
             outcome: FinishedOutcome::Succeeded { output: "null".to_owned() },
@@ -930,6 +925,6 @@ mod tests {
             .await
             .expect("count history rows");
         assert_eq!(rows, 0, "history rows written for one successful job");
-        assert_eq!(statuses(&store, ids[0]).await, vec![Status::Pending, Status::Running, Status::Succeeded]);
+        assert_eq!(statuses(&store, id).await, vec![Status::Pending, Status::Running, Status::Succeeded]);
     }
 }
