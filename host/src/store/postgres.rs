@@ -273,7 +273,8 @@ impl Store for PostgresStore {
             return Ok(Vec::new());
         }
         // A claim writes no `running` event, because the run's start is
-        // `started_at`, which the attempt row keeps once the run ends.
+        // `started_at`, which the attempt row (or the job row, after a
+        // success) keeps once the run ends.
         // `events` reads it from there, and each job costs one insert fewer.
         // The chosen ids go to the update as an array, so that it finds each
         // row by its key: joined to the subquery instead, the update was
@@ -598,10 +599,7 @@ impl Store for PostgresStore {
     }
 
     async fn attempts(&self, id: JobId) -> Result<Vec<AttemptRecord>, StoreError> {
-        let rows = sqlx::query(concat!(attempts_query!(), " ORDER BY attempt"))
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(concat!(attempts_query!(), " ORDER BY attempt")).bind(id).fetch_all(&self.pool).await?;
         rows.iter()
             .map(|row| {
                 Ok(AttemptRecord {
