@@ -249,6 +249,24 @@ fn cancel_pending_job_and_its_chain() {
 }
 
 #[test]
+fn retry_of_chained_job_names_its_parent() {
+    let env = Env::new();
+    let head = env.dispatch(&["demo", "handle", "--params", "\"a\"", "--delay", "1h", "--then", "demo:handle:\"b\""]);
+    env.ok(&["cancel", &head.to_string()]);
+    let child = env.show(head)["children"][0].as_i64().unwrap();
+
+    let stderr = env.fails(&["retry", &child.to_string()]);
+    assert_one_error_line(
+        &stderr,
+        &format!("job {child} is chained behind job {head}, which was cancelled; retry job {head} instead, and job {child} runs again after it succeeds"),
+    );
+    assert_eq!(env.status(child), "cancelled");
+
+    let output = env.ok(&["retry", &head.to_string()]);
+    assert!(output.contains(&format!("chained jobs {child} wait for it again")), "{output}");
+}
+
+#[test]
 fn cancel_finished_job_changes_nothing() {
     let env = Env::new();
     let id = env.dispatch(&["demo", "handle", "--params", "\"done\""]);
@@ -256,6 +274,11 @@ fn cancel_finished_job_changes_nothing() {
     let stderr = env.fails(&["cancel", &id.to_string()]);
     assert_one_error_line(&stderr, &format!("job {id} has already succeeded; nothing was changed"));
     assert_eq!(env.status(id), "succeeded");
+    let stderr = env.fails(&["retry", &id.to_string()]);
+    assert_one_error_line(
+        &stderr,
+        &format!("job {id} has succeeded; only failed and cancelled jobs can be retried. Dispatch it again to run it once more"),
+    );
 }
 
 #[test]

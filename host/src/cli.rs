@@ -389,20 +389,20 @@ async fn retry(config_path: &std::path::Path, id: JobId) -> Result<(), Failure> 
     let job = client.store().get(id).await?.ok_or_else(|| fail(format!("job {id} not found; `jobhost list` shows the jobs there are")))?;
     let attempts = config.method(&job.plugin, &job.method).map_or(config::DEFAULT_MAX_ATTEMPTS, |settings| settings.max_attempts);
     match client.store().retry(id, attempts).await? {
-        RetryOutcome::Requeued { previous, descendants } => {
+        RetryOutcome::Requeued { previous, status, descendants } => {
             client.notify_dispatched().await;
-            println!("job {id} is pending again (was {previous}), with {attempts} more attempts");
+            if status == Status::Waiting {
+                println!("job {id} is waiting again (was {previous}), with {attempts} more attempts; it runs once its parent job succeeds");
+            } else {
+                println!("job {id} is pending again (was {previous}), with {attempts} more attempts");
+            }
             if !descendants.is_empty() {
                 let ids: Vec<String> = descendants.iter().map(ToString::to_string).collect();
                 println!("chained jobs {} wait for it again", ids.join(", "));
             }
             Ok(())
         }
-        RetryOutcome::NotRetryable(status) => {
-            let state = if status.is_final() { format!("has {}", past_tense(status)) } else { format!("is {status}") };
-            Err(fail(format!("job {id} {state}; only failed and cancelled jobs can be retried")))
-        }
-        RetryOutcome::NotFound => Err(fail(format!("job {id} not found; `jobhost list` shows the jobs there are"))),
+        rejected => Err(fail(rejected.rejection(id).unwrap_or_default())),
     }
 }
 

@@ -76,6 +76,7 @@ macro_rules! store_suite {
                 cancel_unknown_job_returns_not_found,
                 retry_requeues_failed_job_and_chain,
                 retry_requeues_cancelled_job,
+                retry_of_chained_job_follows_its_parent,
                 retry_rejects_jobs_not_failed_or_cancelled,
                 retry_unknown_job_returns_not_found,
                 list_returns_newest_first_with_filters,
@@ -300,7 +301,7 @@ fn sort_cancel(outcome: CancelOutcome) -> CancelOutcome {
 /// Sorts the descendants, whose order the contract leaves open.
 fn sort_retry(outcome: RetryOutcome) -> RetryOutcome {
     match outcome {
-        RetryOutcome::Requeued { previous, descendants } => RetryOutcome::Requeued { previous, descendants: sorted(descendants) },
+        RetryOutcome::Requeued { previous, status, descendants } => RetryOutcome::Requeued { previous, status, descendants: sorted(descendants) },
         other => other,
     }
 }
@@ -1297,7 +1298,7 @@ async fn retry_requeues_failed_job_and_chain(store: Arc<dyn Store>) -> CaseResul
     let outcome = store.retry(head, 2).await?;
     let after = Timestamp::now();
 
-    assert_eq!(sort_retry(outcome), RetryOutcome::Requeued { previous: Status::Failed, descendants: descendants.clone() });
+    assert_eq!(sort_retry(outcome), RetryOutcome::Requeued { previous: Status::Failed, status: Status::Pending, descendants: descendants.clone() });
     let stored = record(store, head).await?;
     assert_eq!(stored.status, Status::Pending);
     assert_eq!(stored.attempts, 1);
@@ -1329,7 +1330,7 @@ async fn retry_requeues_cancelled_job(store: Arc<dyn Store>) -> CaseResult {
 
     let outcome = store.retry(id, 1).await?;
 
-    assert_eq!(outcome, RetryOutcome::Requeued { previous: Status::Cancelled, descendants: Vec::new() });
+    assert_eq!(outcome, RetryOutcome::Requeued { previous: Status::Cancelled, status: Status::Pending, descendants: Vec::new() });
     let stored = record(store, id).await?;
     assert_eq!(stored.status, Status::Pending);
     assert_eq!(stored.attempts, 0);
@@ -1337,6 +1338,56 @@ async fn retry_requeues_cancelled_job(store: Arc<dyn Store>) -> CaseResult {
     assert_eq!(stored.finished_at, None);
     let claimed = claim_expecting(store, OWNER, LEASE, id).await?;
     assert_eq!(claimed.attempt, 1);
+    Ok(())
+}
+
+/// A chained job retried on its own must not run before its parent has
+/// succeeded: it waits while the parent has not ended, and is rejected, with
+/// the parent named, when the parent failed.
+async fn retry_of_chained_job_follows_its_parent(store: Arc<dyn Store>) -> CaseResult {
+    let store = &*store;
+    // The parent still runs: the child, cancelled by hand, waits again.
+    let running_chain = dispatch_chain(store, echo(), vec![echo()]).await?;
+    let (parent, child) = (running_chain[0], running_chain[1]);
+    let claimed = claim_expecting(store, OWNER, LEASE, parent).await?;
+    store.cancel(child, "cancelled by the test").await?;
+
+    let outcome = store.retry(child, 2).await?;
+
+    assert_eq!(outcome, RetryOutcome::Requeued { previous: Status::Cancelled, status: Status::Waiting, descendants: Vec::new() });
+    assert_eq!(status_of(store, child).await?, Status::Waiting);
+    assert_eq!(event_statuses(store, child).await?.last(), Some(&Status::Waiting));
+    assert!(store.claim(OWNER, 10, LEASE).await?.is_empty(), "the retried child was claimed before its parent ended");
+    let report = store.finish(OWNER, &[result_of(&claimed, success("{}"))]).await?;
+    assert_eq!(report.released, vec![child], "jobs released by the parent's success");
+    claim_expecting(store, OWNER, LEASE, child).await?;
+
+    // The parent failed: the parent is the job to retry.
+    let failed_chain = dispatch_chain(store, NewJob { max_attempts: 1, ..echo() }, vec![echo()]).await?;
+    let (parent, child) = (failed_chain[0], failed_chain[1]);
+    let claimed = claim_expecting(store, OWNER, LEASE, parent).await?;
+    store.finish(OWNER, &[result_of(&claimed, failure("disk full"))]).await?;
+    assert_eq!(status_of(store, child).await?, Status::Cancelled);
+
+    let outcome = store.retry(child, 2).await?;
+
+    assert_eq!(outcome, RetryOutcome::ParentEnded { parent, status: Status::Failed });
+    assert_eq!(status_of(store, child).await?, Status::Cancelled, "a rejected retry changed the child");
+    let message = outcome.rejection(child).unwrap_or_default();
+    assert!(message.contains(&format!("retry job {parent} instead")), "the rejection {message:?} does not name the parent");
+
+    // The parent succeeded: the child is due at once.
+    let done_chain = dispatch_chain(store, echo(), vec![NewJob { max_attempts: 1, ..echo() }]).await?;
+    let (parent, child) = (done_chain[0], done_chain[1]);
+    let claimed = claim_expecting(store, OWNER, LEASE, parent).await?;
+    store.finish(OWNER, &[result_of(&claimed, success("{}"))]).await?;
+    let claimed = claim_expecting(store, OWNER, LEASE, child).await?;
+    store.finish(OWNER, &[result_of(&claimed, failure("bad input"))]).await?;
+
+    let outcome = store.retry(child, 1).await?;
+
+    assert_eq!(outcome, RetryOutcome::Requeued { previous: Status::Failed, status: Status::Pending, descendants: Vec::new() });
+    claim_expecting(store, OWNER, LEASE, child).await?;
     Ok(())
 }
 

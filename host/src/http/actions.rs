@@ -121,6 +121,8 @@ pub async fn cancel(state: &AppState, id: JobId, reason: &str) -> Result<Cancell
 /// Result of a retry: the status before it, the attempts added and the chained jobs waiting again.
 pub struct Retried {
     pub previous: Status,
+    /// Pending, or waiting when the job's parent has not succeeded yet.
+    pub status: Status,
     pub attempts: u32,
     pub descendants: Vec<JobId>,
 }
@@ -136,16 +138,14 @@ pub async fn retry(state: &AppState, id: JobId) -> Result<Retried, ActionError> 
         .method(&job.plugin, &job.method)
         .map_or(config::DEFAULT_MAX_ATTEMPTS, |settings| settings.max_attempts);
     match store.retry(id, attempts).await? {
-        RetryOutcome::Requeued { previous, descendants } => {
+        RetryOutcome::Requeued { previous, status, descendants } => {
             state.client.notify_dispatched().await;
             state.counts.invalidate().await;
             tracing::info!(target: "jobhost::job", job_id = id, previous = %previous, attempts, "job retried over HTTP");
-            Ok(Retried { previous, attempts, descendants })
-        }
-        RetryOutcome::NotRetryable(status) => {
-            Err(ActionError::Conflict(format!("job {id} is {status}; only failed and cancelled jobs can be retried")))
+            Ok(Retried { previous, status, attempts, descendants })
         }
         RetryOutcome::NotFound => Err(ActionError::NotFound(id)),
+        rejected => Err(ActionError::Conflict(rejected.rejection(id).unwrap_or_default())),
     }
 }
 

@@ -221,7 +221,7 @@ pub async fn retry(State(state): State<Arc<AppState>>, Path(id): Path<String>) -
     let retried = actions::retry(&state, id).await?;
     Ok(Json(json!({
         "id": id,
-        "status": "pending",
+        "status": retried.status,
         "previous_status": retried.previous,
         "attempts_added": retried.attempts,
         "waiting_chained_jobs": retried.descendants,

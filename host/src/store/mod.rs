@@ -230,11 +230,37 @@ pub enum CancelOutcome {
 /// Result of [`Store::retry`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RetryOutcome {
-    /// The job is pending again, and its cancelled descendants waiting again.
-    Requeued { previous: Status, descendants: Vec<JobId> },
+    /// The job is due again (`status` is pending), or waits for its parent
+    /// to succeed first (`status` is waiting); its cancelled descendants
+    /// wait again.
+    Requeued { previous: Status, status: Status, descendants: Vec<JobId> },
     /// Only failed and cancelled jobs can be retried.
     NotRetryable(Status),
+    /// The job is chained behind a parent that failed or was cancelled, so it
+    /// would run without the parent's work: the parent is the job to retry.
+    ParentEnded { parent: JobId, status: Status },
     NotFound,
+}
+
+impl RetryOutcome {
+    /// Returns why the retry of job `id` was rejected and what to do
+    /// instead, or None if the job was requeued.
+    pub fn rejection(&self, id: JobId) -> Option<String> {
+        match self {
+            Self::Requeued { .. } => None,
+            Self::NotRetryable(Status::Succeeded) => Some(format!(
+                "job {id} has succeeded; only failed and cancelled jobs can be retried. Dispatch it again to run it once more"
+            )),
+            Self::NotRetryable(status) => Some(format!("job {id} is {status}; only failed and cancelled jobs can be retried")),
+            Self::ParentEnded { parent, status } => {
+                let ended = if *status == Status::Cancelled { "was cancelled" } else { "failed" };
+                Some(format!(
+                    "job {id} is chained behind job {parent}, which {ended}; retry job {parent} instead, and job {id} runs again after it succeeds"
+                ))
+            }
+            Self::NotFound => Some(format!("job {id} not found; `jobhost list` shows the jobs there are")),
+        }
+    }
 }
 
 /// Parses a stored status, naming the job when the value is not one.

@@ -705,6 +705,18 @@ impl Store for PostgresStore {
 
     async fn retry(&self, id: JobId, extra_attempts: u32) -> Result<RetryOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // The parent first, as a result locks a parent before it releases or
+        // cancels its children. FOR SHARE holds back its result until this
+        // commits, so the child is never left waiting for a release that
+        // already happened.
+        let parent: Option<(JobId, String)> = sqlx::query_as(
+            "SELECT parent.id, parent.status FROM jobs AS child JOIN jobs AS parent ON parent.id = child.parent_id
+             WHERE child.id = $1
+             FOR SHARE OF parent",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
         let status: Option<String> =
             sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 FOR UPDATE").bind(id).fetch_optional(&mut *tx).await?;
         let Some(status) = status else {
@@ -714,17 +726,26 @@ impl Store for PostgresStore {
         if !matches!(previous, Status::Failed | Status::Cancelled) {
             return Ok(RetryOutcome::NotRetryable(previous));
         }
+        let status = match parent {
+            Some((parent, text)) => match status_of(parent, &text)? {
+                Status::Succeeded => Status::Pending,
+                ended @ (Status::Failed | Status::Cancelled) => return Ok(RetryOutcome::ParentEnded { parent, status: ended }),
+                Status::Waiting | Status::Pending | Status::Running => Status::Waiting,
+            },
+            None => Status::Pending,
+        };
 
         sqlx::query(
-            "UPDATE jobs SET status = 'pending', run_at = now(), updated_at = now(), finished_at = NULL, last_error = NULL,
+            "UPDATE jobs SET status = $3, run_at = now(), updated_at = now(), finished_at = NULL, last_error = NULL,
                     max_attempts = attempts + $2
              WHERE id = $1",
         )
         .bind(id)
         .bind(i32::try_from(extra_attempts.max(1)).unwrap_or(i32::MAX))
+        .bind(status.as_str())
         .execute(&mut *tx)
         .await?;
-        insert_event(&mut tx, id, Status::Pending, Some("retried by hand")).await?;
+        insert_event(&mut tx, id, status, Some("retried by hand")).await?;
 
         // The chain behind the job waits for it again.
         let message = format!("waiting again: parent job {id} was retried");
@@ -748,7 +769,7 @@ impl Store for PostgresStore {
         .await?;
         self.notify(&mut tx, Wake::Dispatched).await?;
         tx.commit().await?;
-        Ok(RetryOutcome::Requeued { previous, descendants })
+        Ok(RetryOutcome::Requeued { previous, status, descendants })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -846,18 +846,32 @@ impl Store for SqliteStore {
         if !matches!(previous, Status::Failed | Status::Cancelled) {
             return Ok(RetryOutcome::NotRetryable(previous));
         }
+        let parent: Option<(JobId, String)> =
+            sqlx::query_as("SELECT parent.id, parent.status FROM jobs AS child JOIN jobs AS parent ON parent.id = child.parent_id WHERE child.id = ?1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let status = match parent {
+            Some((parent, text)) => match status_of(parent, &text)? {
+                Status::Succeeded => Status::Pending,
+                ended @ (Status::Failed | Status::Cancelled) => return Ok(RetryOutcome::ParentEnded { parent, status: ended }),
+                Status::Waiting | Status::Pending | Status::Running => Status::Waiting,
+            },
+            None => Status::Pending,
+        };
 
         sqlx::query(
-            "UPDATE jobs SET status = 'pending', run_at = ?2, updated_at = ?2, finished_at = NULL, last_error = NULL,
+            "UPDATE jobs SET status = ?4, run_at = ?2, updated_at = ?2, finished_at = NULL, last_error = NULL,
                     max_attempts = attempts + ?3
              WHERE id = ?1",
         )
         .bind(id)
         .bind(now.0)
         .bind(extra_attempts.max(1))
+        .bind(status.as_str())
         .execute(&mut *tx)
         .await?;
-        insert_events(&mut tx, now, &[EventRow { id, status: "pending", message: Some("retried by hand") }]).await?;
+        insert_events(&mut tx, now, &[EventRow { id, status: status.as_str(), message: Some("retried by hand") }]).await?;
 
         // The chain behind the job waits for it again.
         let descendants: Vec<JobId> = sqlx::query_scalar(
@@ -878,7 +892,7 @@ impl Store for SqliteStore {
         let events: Vec<_> = descendants.iter().map(|&id| EventRow { id, status: "waiting", message: Some(&message) }).collect();
         insert_events(&mut tx, now, &events).await?;
         tx.commit().await?;
-        Ok(RetryOutcome::Requeued { previous, descendants })
+        Ok(RetryOutcome::Requeued { previous, status, descendants })
     }
 
     async fn wake(&self, wake: Wake) {
