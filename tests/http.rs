@@ -146,13 +146,21 @@ fn api_cancel_and_retry_follow_job_state() {
     assert_eq!(cancelled.json()["cancelled_chained_jobs"], json!([delayed + 1]));
     assert_eq!(env.status(delayed), "cancelled");
     assert_error(&http(address, "POST", &format!("/api/jobs/{delayed}/cancel"), &[], ""), 409, "has already been cancelled");
+    let child = delayed + 1;
+    assert_error(
+        &http(address, "POST", &format!("/api/jobs/{child}/retry"), &[], ""),
+        409,
+        &format!("job {child} is chained behind job {delayed}, which was cancelled; retry job {delayed} instead"),
+    );
 
     let retried = http(address, "POST", &format!("/api/jobs/{delayed}/retry"), &[], "");
     assert_eq!(retried.status, 200, "{retried:#?}");
+    assert_eq!(retried.json()["status"], "pending");
     assert_eq!(retried.json()["waiting_chained_jobs"], json!([delayed + 1]));
     wait_for_api_status(address, delayed, "succeeded");
     wait_for_api_status(address, delayed + 1, "succeeded");
     assert_error(&http(address, "POST", &format!("/api/jobs/{delayed}/cancel"), &[], ""), 409, "has already succeeded");
+    assert_error(&http(address, "POST", &format!("/api/jobs/{delayed}/retry"), &[], ""), 409, "has succeeded; only failed and cancelled jobs can be retried. Dispatch it again");
 }
 
 #[test]
