@@ -75,11 +75,10 @@ pub fn init(stderr: Stderr, log_dir: Option<&Path>) -> LogGuard {
     LogGuard { _guards: guards }
 }
 
-/// Wraps a log file in a buffer. The writer thread flushes it each time the
-/// queue of lines is empty, so lines still reach the file at once. Without
-/// the buffer, each line took one `write` system call, and the writer thread
-/// used about a quarter of the daemon's CPU time in a drain of no-op jobs
-/// (two lines per job).
+/// Wraps a log file in a buffer. The writer thread flushes it whenever its
+/// queue of lines is empty, so lines still reach the file at once. Unbuffered,
+/// each line cost a `write` system call, which took about a quarter of the
+/// daemon's CPU samples (`perf record`) in a drain of no-op jobs.
 fn buffered(file: tracing_appender::rolling::RollingFileAppender) -> std::io::BufWriter<tracing_appender::rolling::RollingFileAppender> {
     std::io::BufWriter::with_capacity(64 * 1024, file)
 }

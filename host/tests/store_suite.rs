@@ -1346,7 +1346,7 @@ async fn retry_requeues_cancelled_job(store: Arc<dyn Store>) -> CaseResult {
 /// the parent named, when the parent failed.
 async fn retry_of_chained_job_follows_its_parent(store: Arc<dyn Store>) -> CaseResult {
     let store = &*store;
-    // The parent still runs: the child, cancelled by hand, waits again.
+    // The parent is still running, so the child, cancelled by hand, waits again.
     let running_chain = dispatch_chain(store, echo(), vec![echo()]).await?;
     let (parent, child) = (running_chain[0], running_chain[1]);
     let claimed = claim_expecting(store, OWNER, LEASE, parent).await?;
@@ -1362,7 +1362,7 @@ async fn retry_of_chained_job_follows_its_parent(store: Arc<dyn Store>) -> CaseR
     assert_eq!(report.released, vec![child], "jobs released by the parent's success");
     claim_expecting(store, OWNER, LEASE, child).await?;
 
-    // The parent failed: the parent is the job to retry.
+    // The parent failed, so the parent is the job to retry.
     let failed_chain = dispatch_chain(store, NewJob { max_attempts: 1, ..echo() }, vec![echo()]).await?;
     let (parent, child) = (failed_chain[0], failed_chain[1]);
     let claimed = claim_expecting(store, OWNER, LEASE, parent).await?;
@@ -1376,7 +1376,7 @@ async fn retry_of_chained_job_follows_its_parent(store: Arc<dyn Store>) -> CaseR
     let message = outcome.rejection(child).unwrap_or_default();
     assert!(message.contains(&format!("retry job {parent} instead")), "the rejection {message:?} does not name the parent");
 
-    // The parent succeeded: the child is due at once.
+    // The parent succeeded, so the child is due at once.
     let done_chain = dispatch_chain(store, echo(), vec![NewJob { max_attempts: 1, ..echo() }]).await?;
     let (parent, child) = (done_chain[0], done_chain[1]);
     let claimed = claim_expecting(store, OWNER, LEASE, parent).await?;

@@ -231,13 +231,13 @@ pub enum CancelOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RetryOutcome {
     /// The job is due again (`status` is pending), or waits for its parent
-    /// to succeed first (`status` is waiting); its cancelled descendants
+    /// to succeed first (`status` is waiting). Its cancelled descendants
     /// wait again.
     Requeued { previous: Status, status: Status, descendants: Vec<JobId> },
     /// Only failed and cancelled jobs can be retried.
     NotRetryable(Status),
     /// The job is chained behind a parent that failed or was cancelled, so it
-    /// would run without the parent's work: the parent is the job to retry.
+    /// would run without the parent's work. The parent is the job to retry.
     ParentEnded { parent: JobId, status: Status },
     NotFound,
 }
@@ -264,6 +264,19 @@ impl RetryOutcome {
 }
 
 /// Parses a stored status, naming the job when the value is not one.
+/// Returns the status a retried job takes, given its parent's id and stored
+/// status: pending without a parent or after its success, waiting while the
+/// parent has not ended. The inner error is the rejection when the parent
+/// failed or was cancelled.
+fn retried_status(parent: Option<(JobId, String)>) -> Result<Result<Status, RetryOutcome>, StoreError> {
+    let Some((parent, text)) = parent else { return Ok(Ok(Status::Pending)) };
+    Ok(match status_of(parent, &text)? {
+        Status::Succeeded => Ok(Status::Pending),
+        ended @ (Status::Failed | Status::Cancelled) => Err(RetryOutcome::ParentEnded { parent, status: ended }),
+        Status::Waiting | Status::Pending | Status::Running => Ok(Status::Waiting),
+    })
+}
+
 fn status_of(id: JobId, text: &str) -> Result<Status, StoreError> {
     Status::from_str(text).map_err(|_| StoreError::Corrupt { id, column: "status", value: text.to_owned() })
 }

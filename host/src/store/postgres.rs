@@ -35,10 +35,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgre
 const JOB_COLUMNS: &str = "id, plugin, method, params, status, priority, attempts, max_attempts, run_at, created_at, \
      started_at, finished_at, output, last_error, progress, parent_id, lease_owner, lease_expires_at";
 
-/// A job's attempts: the rows of `job_attempts`, and for a succeeded job its
-/// last attempt, which the job row keeps (a success writes no attempt row).
-/// Databases migrated from older versions store that attempt too, and then
-/// it is not repeated.
+/// A job's attempts: the rows of `job_attempts`, plus a succeeded job's last
+/// attempt, which the job row keeps because a success writes no attempt row.
+/// An attempt that an older version also stored is not repeated.
 macro_rules! attempts_query {
     () => {
         "SELECT attempt, started_at, finished_at, duration_us, error, owner FROM job_attempts WHERE job_id = $1
@@ -110,8 +109,8 @@ impl PostgresStore {
             }
 
             // nextval() runs in the order of the ordered SELECT, so the
-            // sorted ids of this INSERT line up with its input rows. No
-            // event row: `events` reads the first one from created_at.
+            // sorted ids of this INSERT line up with its input rows. No event
+            // row is written, because `events` reads the first from created_at.
             let mut ids: Vec<JobId> = sqlx::query_scalar(
                 "WITH inserted AS (
                      INSERT INTO jobs (plugin, method, params, priority, status, run_at, delay_us, max_attempts,
@@ -276,9 +275,9 @@ impl Store for PostgresStore {
         // `started_at`, which the attempt row (or the job row, after a
         // success) keeps once the run ends.
         // `events` reads it from there, and each job costs one insert fewer.
-        // The chosen ids go to the update as an array, so that it finds each
-        // row by its key: joined to the subquery instead, the update was
-        // planned as a hash join over a scan of the whole table.
+        // The chosen ids go to the update as an array, so it finds each row
+        // by its key. Joined to the subquery, the update was planned as a
+        // hash join over a scan of the whole table.
         let rows = sqlx::query(
             "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = now(), updated_at = now(),
                     finished_at = NULL, progress = NULL, lease_owner = $1,
@@ -343,8 +342,8 @@ impl Store for PostgresStore {
             durations.push(micros(result.duration));
         }
 
-        // A success writes no history rows: the job row keeps its owner and
-        // duration, and `attempts` and `events` read them from there.
+        // A success writes no history rows, because the job row keeps its
+        // owner and duration for `attempts` and `events` to read.
         let mut tx = self.pool.begin().await?;
         let written = sqlx::query(
             "WITH results AS (
@@ -705,10 +704,9 @@ impl Store for PostgresStore {
 
     async fn retry(&self, id: JobId, extra_attempts: u32) -> Result<RetryOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
-        // The parent first, as a result locks a parent before it releases or
-        // cancels its children. FOR SHARE holds back its result until this
-        // commits, so the child is never left waiting for a release that
-        // already happened.
+        // The parent is locked first, as a result locks a parent before it
+        // releases or cancels its children. FOR SHARE holds back the parent's
+        // result until this commits, so no release can slip past the child.
         let parent: Option<(JobId, String)> = sqlx::query_as(
             "SELECT parent.id, parent.status FROM jobs AS child JOIN jobs AS parent ON parent.id = child.parent_id
              WHERE child.id = $1
@@ -726,13 +724,9 @@ impl Store for PostgresStore {
         if !matches!(previous, Status::Failed | Status::Cancelled) {
             return Ok(RetryOutcome::NotRetryable(previous));
         }
-        let status = match parent {
-            Some((parent, text)) => match status_of(parent, &text)? {
-                Status::Succeeded => Status::Pending,
-                ended @ (Status::Failed | Status::Cancelled) => return Ok(RetryOutcome::ParentEnded { parent, status: ended }),
-                Status::Waiting | Status::Pending | Status::Running => Status::Waiting,
-            },
-            None => Status::Pending,
+        let status = match retried_status(parent)? {
+            Ok(status) => status,
+            Err(rejected) => return Ok(rejected),
         };
 
         sqlx::query(

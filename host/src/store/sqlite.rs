@@ -851,13 +851,9 @@ impl Store for SqliteStore {
                 .bind(id)
                 .fetch_optional(&mut *tx)
                 .await?;
-        let status = match parent {
-            Some((parent, text)) => match status_of(parent, &text)? {
-                Status::Succeeded => Status::Pending,
-                ended @ (Status::Failed | Status::Cancelled) => return Ok(RetryOutcome::ParentEnded { parent, status: ended }),
-                Status::Waiting | Status::Pending | Status::Running => Status::Waiting,
-            },
-            None => Status::Pending,
+        let status = match retried_status(parent)? {
+            Ok(status) => status,
+            Err(rejected) => return Ok(rejected),
         };
 
         sqlx::query(
