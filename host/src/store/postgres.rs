@@ -49,6 +49,34 @@ macro_rules! attempts_query {
     };
 }
 
+/// Starts a claim's transaction. Sorting is off in it, so the due jobs come
+/// from a walk of `jobs_due` in its order, which stops after the batch.
+/// Without fresh statistics (a table not analyzed since a burst of
+/// dispatch), the planner expected a few rows and sorted every due job
+/// instead, spilling to disk: 62 ms rather than 19 ms for a claim of 1,000
+/// from 50,000 pending jobs.
+const CLAIM_BEGIN: &str = "BEGIN; SET LOCAL enable_sort = off";
+
+/// Claims up to `$3` due jobs for `$1`, with a lease of `$2` microseconds.
+///
+/// A claim writes no `running` event, because the run's start is
+/// `started_at`, which the attempt row (or the job row, after a success)
+/// keeps once the run ends. `events` reads it from there, and each job costs
+/// one insert fewer.
+///
+/// The chosen ids go to the update as an array, so it finds each row by its
+/// key. Joined to the subquery, the update was planned as a hash join over a
+/// scan of the whole table.
+const CLAIM: &str = "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = now(), updated_at = now(),
+        finished_at = NULL, progress = NULL, lease_owner = $1,
+        lease_expires_at = now() + $2 * interval '1 microsecond'
+    WHERE id = ANY(ARRAY(
+        SELECT id FROM jobs WHERE status = 'pending' AND run_at <= now()
+        ORDER BY priority, run_at, id LIMIT $3
+        FOR UPDATE SKIP LOCKED
+    ))
+    RETURNING id, plugin, method, params, attempts, max_attempts, priority, run_at, created_at, started_at";
+
 /// The jobs table in a PostgreSQL database (in the first schema of the
 /// connection's `search_path`).
 #[derive(Clone)]
@@ -271,29 +299,14 @@ impl Store for PostgresStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        // A claim writes no `running` event, because the run's start is
-        // `started_at`, which the attempt row (or the job row, after a
-        // success) keeps once the run ends.
-        // `events` reads it from there, and each job costs one insert fewer.
-        // The chosen ids go to the update as an array, so it finds each row
-        // by its key. Joined to the subquery, the update was planned as a
-        // hash join over a scan of the whole table.
-        let rows = sqlx::query(
-            "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = now(), updated_at = now(),
-                    finished_at = NULL, progress = NULL, lease_owner = $1,
-                    lease_expires_at = now() + $2 * interval '1 microsecond'
-             WHERE id = ANY(ARRAY(
-                 SELECT id FROM jobs WHERE status = 'pending' AND run_at <= now()
-                 ORDER BY priority, run_at, id LIMIT $3
-                 FOR UPDATE SKIP LOCKED
-             ))
-             RETURNING id, plugin, method, params, attempts, max_attempts, priority, run_at, created_at, started_at",
-        )
-        .bind(owner)
-        .bind(micros(lease))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
+        let mut tx = self.pool.begin_with(CLAIM_BEGIN).await?;
+        let rows = sqlx::query(CLAIM)
+            .bind(owner)
+            .bind(micros(lease))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
 
         let mut claimed = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -918,6 +931,38 @@ mod tests {
         assert_eq!(stored.len(), 1, "attempts: {stored:?}");
         assert_eq!(stored[0].owner.as_deref(), Some("owner"));
         assert_eq!(stored[0].duration, Some(Duration::from_millis(7)));
+    }
+
+    /// A claim walks `jobs_due` in order and stops after its batch, even on
+    /// a table never analyzed. Planned from guesses, it sorted every due job.
+    #[tokio::test]
+    async fn claim_walks_due_index_without_statistics() {
+        let Some((_schema, store, _)) = store_with_one_job().await else { return };
+        let job = NewJob {
+            plugin: "demo".to_owned(),
+            method: "echo".to_owned(),
+            params: "null".to_owned(),
+            priority: 5,
+            delay: Duration::ZERO,
+            max_attempts: 3,
+        };
+        let burst: Vec<NewChain> = (0..20_000).map(|_| NewChain { head: job.clone(), then: Vec::new() }).collect();
+        store.dispatch(&burst).await.expect("dispatch");
+
+        let mut tx = store.pool.begin_with(CLAIM_BEGIN).await.expect("begin");
+        let plan: serde_json::Value = sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) {CLAIM}"))
+            .bind("owner")
+            .bind(30_000_000_i64)
+            .bind(500_i64)
+            .fetch_one(&mut *tx)
+            .await
+            .expect("explain the claim");
+        // Ended before asserting: an open transaction would block the
+        // schema's removal when a failed assertion drops it.
+        tx.rollback().await.expect("rollback");
+        let plan = plan.to_string();
+        assert!(!plan.contains(r#""Node Type":"Sort""#), "the claim sorts the due jobs: {plan}");
+        assert!(plan.contains(r#""Index Name":"jobs_due""#), "the claim does not walk jobs_due: {plan}");
     }
 
     /// A success, the commonest end of a job, writes no history row.
