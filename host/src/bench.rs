@@ -189,6 +189,14 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
 
     // Phase 3: drain with several daemon processes.
     if args.daemons > 1 {
+        // From empty tables, as the first drain: without autovacuum, the
+        // first drain's dead row versions would slow the second on PostgreSQL.
+        match &schema {
+            Some(schema) => schema.empty().await?,
+            None => {
+                client.store().prune(Duration::ZERO).await.map_err(BenchError::setup)?;
+            }
+        }
         dispatch_phase(&client, args.jobs, args.batch).await?;
         drain_with_processes(&config_path, &client, args.jobs, args.daemons).await?;
     }
@@ -317,6 +325,19 @@ impl BenchSchema {
     fn url(&self) -> String {
         let separator = if self.server.contains('?') { '&' } else { '?' };
         format!("{}{separator}options=-c%20search_path%3D{}", self.server, self.name)
+    }
+
+    /// Deletes every job and its history, with `TRUNCATE`, which leaves no
+    /// dead row versions behind.
+    async fn empty(&self) -> Result<(), BenchError> {
+        use sqlx::Connection;
+        let mut connection = sqlx::PgConnection::connect(&self.server).await.map_err(BenchError::setup)?;
+        let name = &self.name;
+        sqlx::raw_sql(&format!("TRUNCATE {name}.jobs, {name}.job_attempts, {name}.job_events RESTART IDENTITY"))
+            .execute(&mut connection)
+            .await
+            .map_err(BenchError::setup)?;
+        Ok(())
     }
 
     async fn drop_schema(self) {
