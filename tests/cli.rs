@@ -364,3 +364,11 @@ fn list_into_closed_pipe_exits_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(stderr.is_empty(), "nothing on stderr when the reader goes away: {stderr}");
 }
+
+#[test]
+fn bench_analyze_needs_postgres() {
+    let env = Env::new();
+    let stderr = env.fails(&["bench", "--analyze", "--jobs", "10"]);
+    assert!(stderr.contains("--analyze applies to PostgreSQL only"), "{stderr}");
+    assert!(stderr.contains("--database postgres://"), "the message names the fix: {stderr}");
+}

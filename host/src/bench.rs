@@ -50,6 +50,11 @@ pub struct BenchArgs {
     /// a schema of its own there and drops it at the end.
     #[arg(long)]
     database: Option<String>,
+    /// Analyze the jobs table after each dispatch phase, as autovacuum does
+    /// within a minute of a burst of dispatch (PostgreSQL only). Without
+    /// statistics, each batch of results reads every running job.
+    #[arg(long)]
+    analyze: bool,
     /// Daemon processes sharing the queue in the second drain; 0 or 1 skips it.
     #[arg(long, default_value_t = 3)]
     daemons: usize,
@@ -90,6 +95,8 @@ pub enum BenchError {
     PluginMissing(PathBuf),
     #[error("invalid --synchronous {0:?}; use off, normal, full or extra")]
     Synchronous(String),
+    #[error("--analyze applies to PostgreSQL only; add --database postgres://… or leave --analyze out")]
+    AnalyzeNeedsPostgres,
     #[error("{0}")]
     Setup(String),
 }
@@ -101,6 +108,9 @@ impl BenchError {
 }
 
 pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
+    if args.analyze && args.database.is_none() {
+        return Err(BenchError::AnalyzeNeedsPostgres);
+    }
     let synchronous: Synchronous = serde_json::from_value(serde_json::Value::String(args.synchronous.clone()))
         .map_err(|_| BenchError::Synchronous(args.synchronous.clone()))?;
     let plugin = match args.plugin.clone() {
@@ -168,6 +178,9 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     );
 
     dispatch_phase(&client, args.jobs, args.batch).await?;
+    if let Some(schema) = schema.as_ref().filter(|_| args.analyze) {
+        schema.analyze().await?;
+    }
 
     // Phase 2: drain with one daemon in this process.
     let bar = progress_bar(args.jobs as u64, "drain");
@@ -189,8 +202,9 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
 
     // Phase 3: drain with several daemon processes.
     if args.daemons > 1 {
-        // From empty tables, as the first drain: without autovacuum, the
-        // first drain's dead row versions would slow the second on PostgreSQL.
+        // The second drain starts from empty tables, as the first one did.
+        // Without autovacuum, the first drain's dead row versions would slow
+        // it down on PostgreSQL.
         match &schema {
             Some(schema) => schema.empty().await?,
             None => {
@@ -198,6 +212,9 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
             }
         }
         dispatch_phase(&client, args.jobs, args.batch).await?;
+        if let Some(schema) = schema.as_ref().filter(|_| args.analyze) {
+            schema.analyze().await?;
+        }
         drain_with_processes(&config_path, &client, args.jobs, args.daemons).await?;
     }
 
@@ -337,6 +354,14 @@ impl BenchSchema {
             .execute(&mut connection)
             .await
             .map_err(BenchError::setup)?;
+        Ok(())
+    }
+
+    /// Gathers the planner's statistics on the jobs table.
+    async fn analyze(&self) -> Result<(), BenchError> {
+        use sqlx::Connection;
+        let mut connection = sqlx::PgConnection::connect(&self.server).await.map_err(BenchError::setup)?;
+        sqlx::raw_sql(&format!("ANALYZE {}.jobs", self.name)).execute(&mut connection).await.map_err(BenchError::setup)?;
         Ok(())
     }
 

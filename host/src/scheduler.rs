@@ -256,6 +256,9 @@ async fn claim_loop(shared: &Arc<Shared>, pool: &WorkerPool, mode: Mode, shutdow
         if claim_in_doubt && recover_lost_claims(shared).await {
             claim_in_doubt = false;
         }
+        // NOTE: results waiting for the writer do not count here, and their
+        // leases are not renewed. A writer that falls far behind lets the
+        // claims run ahead, and jobs whose results wait past the lease run again.
         let in_flight = shared.in_flight.lock().unwrap().len();
         let wanted = capacity.saturating_sub(in_flight).min(MAX_CLAIM_BATCH);
         let worth_claiming = in_flight < shared.refill_below;
