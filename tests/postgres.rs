@@ -309,3 +309,44 @@ fn listener_reconnects_after_cut() {
     assert!(started.elapsed() < Duration::from_secs(5), "the job waited {:?} for a poll", started.elapsed());
     assert!(daemon.is_running());
 }
+
+/// A result writer that cannot write (here, `job_attempts` locked by another
+/// transaction) stops the claims once a full batch of results waits. The
+/// waiting jobs stay `running` and their leases are not renewed, so claims
+/// that ran on would leave ever more jobs to expire and run again.
+#[test]
+fn claims_pause_while_results_wait() {
+    const JOBS: usize = 1_500;
+    let config = format!("{}max_attempts = 1\n", host(2, "60s", "200ms"));
+    let Some(env) = Env::postgres(&config, str::to_owned) else { return };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // The pool's connections are dropped with this context.
+    let _context = runtime.enter();
+    let pool = runtime.block_on(async {
+        let client = jobhost::client::Client::open(&env.config).await.unwrap();
+        let job = jobhost::client::Job::new("demo", "fail").params("writer blocked");
+        client.dispatch_many(&vec![job; JOBS]).await.unwrap();
+        sqlx::PgPool::connect(&env.postgres_url()).await.unwrap()
+    });
+    let count = |status: &str| -> i64 {
+        runtime.block_on(sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = $1").bind(status).fetch_one(&pool)).unwrap()
+    };
+
+    // A failure writes an attempt row, which waits for this lock.
+    let mut lock = runtime.block_on(pool.begin()).unwrap();
+    runtime.block_on(sqlx::query("LOCK TABLE job_attempts IN SHARE MODE").execute(&mut *lock)).unwrap();
+    let daemon = env.start_daemon(&[]);
+    let reached = wait_until(LONG, || count("running") >= 1_000);
+    std::thread::sleep(Duration::from_secs(2));
+    let (running, pending) = (count("running"), count("pending"));
+    // Released before asserting, so that a failure cannot leave the schema locked.
+    runtime.block_on(lock.rollback()).unwrap();
+    assert!(reached, "the daemon did not run 1,000 jobs: {running} running; {}", daemon.stderr());
+    assert!(running <= 1_004, "{running} jobs claimed while the writer could not write");
+    assert!(pending >= (JOBS - 1_004) as i64, "pending jobs: {pending}");
+
+    let drained = wait_until(LONG, || count("failed") == JOBS as i64);
+    assert!(drained, "failed jobs: {} of {JOBS}; {}", count("failed"), daemon.stderr());
+    let attempts: i64 = runtime.block_on(sqlx::query_scalar("SELECT count(*) FROM job_attempts").fetch_one(&pool)).unwrap();
+    assert_eq!(attempts, JOBS as i64, "each job ran once");
+}

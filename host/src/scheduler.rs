@@ -244,6 +244,15 @@ fn refill_below(concurrency: usize, prefetch: usize) -> usize {
     if prefetch == 0 { concurrency } else { concurrency + prefetch - prefetch / 2 + 1 }
 }
 
+/// Returns the number of results waiting for the writer at which claims
+/// pause. Their jobs stay `running`, and the lease keeper does not renew
+/// them, so a writer that falls behind (a slow or locked table) must not let
+/// claims run ahead without bound. The limit is at least a full buffer and a full
+/// batch, so that a writer busy with one batch never holds up the claims.
+fn unwritten_limit(capacity: usize) -> usize {
+    capacity.max(MAX_FINISH_BATCH)
+}
+
 async fn claim_loop(shared: &Arc<Shared>, pool: &WorkerPool, mode: Mode, shutdown: &CancellationToken) {
     let host = &shared.config.host;
     let capacity = host.concurrency + host.prefetch;
@@ -256,12 +265,10 @@ async fn claim_loop(shared: &Arc<Shared>, pool: &WorkerPool, mode: Mode, shutdow
         if claim_in_doubt && recover_lost_claims(shared).await {
             claim_in_doubt = false;
         }
-        // NOTE: results waiting for the writer do not count here, and their
-        // leases are not renewed. A writer that falls far behind lets the
-        // claims run ahead, and jobs whose results wait past the lease run again.
         let in_flight = shared.in_flight.lock().unwrap().len();
         let wanted = capacity.saturating_sub(in_flight).min(MAX_CLAIM_BATCH);
-        let worth_claiming = in_flight < shared.refill_below;
+        let writer_behind = shared.unwritten.load(Ordering::Acquire) >= unwritten_limit(capacity);
+        let worth_claiming = in_flight < shared.refill_below && !writer_behind;
         let mut claimed = 0;
         if wanted > 0 && worth_claiming {
             match shared.store.claim(&shared.owner, wanted, host.lease).await {
@@ -440,11 +447,14 @@ async fn write_results(shared: Arc<Shared>, mut results: mpsc::UnboundedReceiver
                 unwritten_ids.remove(&completion.finished.id);
             }
         }
-        let unwritten = shared.unwritten.fetch_sub(batch.len(), Ordering::AcqRel) - batch.len();
+        let before = shared.unwritten.fetch_sub(batch.len(), Ordering::AcqRel);
+        let unwritten = before - batch.len();
         batch.clear();
-        // Released children and immediate retries are due now, and
-        // `run --once` waits for the last write before it stops.
-        if made_due || unwritten == 0 {
+        // Released children and immediate retries are due now, `run --once`
+        // waits for the last write before it stops, and claims paused while
+        // the writer was behind may go on.
+        let capacity = shared.config.host.concurrency + shared.config.host.prefetch;
+        if made_due || unwritten == 0 || before >= unwritten_limit(capacity) {
             shared.changed.notify_one();
         }
     }
