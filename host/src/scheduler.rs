@@ -247,8 +247,9 @@ fn refill_below(concurrency: usize, prefetch: usize) -> usize {
 /// Returns the number of results waiting for the writer at which claims
 /// pause. Their jobs stay `running`, and the lease keeper does not renew
 /// them, so a writer that falls behind (a slow or locked table) must not let
-/// claims run ahead without bound. The limit is at least a full buffer and a full
-/// batch, so that a writer busy with one batch never holds up the claims.
+/// claims run ahead without bound. The limit is at least a full buffer and
+/// a full batch, so that a writer busy with one batch never holds up the
+/// claims.
 fn unwritten_limit(capacity: usize) -> usize {
     capacity.max(MAX_FINISH_BATCH)
 }
