@@ -329,13 +329,8 @@ struct BenchSchema {
 
 impl BenchSchema {
     async fn create(server: &str) -> Result<Self, BenchError> {
-        use sqlx::Connection;
         let name = format!("jobhost_bench_{}", std::process::id());
-        let mut connection = sqlx::PgConnection::connect(server).await.map_err(BenchError::setup)?;
-        sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"))
-            .execute(&mut connection)
-            .await
-            .map_err(BenchError::setup)?;
+        execute(server, &format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}")).await?;
         Ok(Self { server: server.to_owned(), name })
     }
 
@@ -347,30 +342,26 @@ impl BenchSchema {
     /// Deletes every job and its history, with `TRUNCATE`, which leaves no
     /// dead row versions behind.
     async fn empty(&self) -> Result<(), BenchError> {
-        use sqlx::Connection;
-        let mut connection = sqlx::PgConnection::connect(&self.server).await.map_err(BenchError::setup)?;
         let name = &self.name;
-        sqlx::raw_sql(&format!("TRUNCATE {name}.jobs, {name}.job_attempts, {name}.job_events RESTART IDENTITY"))
-            .execute(&mut connection)
-            .await
-            .map_err(BenchError::setup)?;
-        Ok(())
+        execute(&self.server, &format!("TRUNCATE {name}.jobs, {name}.job_attempts, {name}.job_events RESTART IDENTITY")).await
     }
 
     /// Gathers the planner's statistics on the jobs table.
     async fn analyze(&self) -> Result<(), BenchError> {
-        use sqlx::Connection;
-        let mut connection = sqlx::PgConnection::connect(&self.server).await.map_err(BenchError::setup)?;
-        sqlx::raw_sql(&format!("ANALYZE {}.jobs", self.name)).execute(&mut connection).await.map_err(BenchError::setup)?;
-        Ok(())
+        execute(&self.server, &format!("ANALYZE {}.jobs", self.name)).await
     }
 
     async fn drop_schema(self) {
-        use sqlx::Connection;
-        if let Ok(mut connection) = sqlx::PgConnection::connect(&self.server).await {
-            let _ = sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name)).execute(&mut connection).await;
-        }
+        let _ = execute(&self.server, &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name)).await;
     }
+}
+
+/// Runs `sql` on a connection of its own to `server`.
+async fn execute(server: &str, sql: &str) -> Result<(), BenchError> {
+    use sqlx::Connection;
+    let mut connection = sqlx::PgConnection::connect(server).await.map_err(BenchError::setup)?;
+    sqlx::raw_sql(sql).execute(&mut connection).await.map_err(BenchError::setup)?;
+    Ok(())
 }
 
 async fn latency(config_path: &Path, config: &Arc<Config>, registry: &Arc<Registry>, client: &Client, samples: usize) -> Result<(), BenchError> {

@@ -102,6 +102,8 @@ struct Shared {
     results: mpsc::UnboundedSender<Completion>,
     /// The claim loop wants waking when fewer jobs than this are in flight.
     refill_below: usize,
+    /// Claims pause while this many results wait for the writer.
+    unwritten_limit: usize,
     summary: Mutex<Summary>,
     metrics: Arc<Metrics>,
 }
@@ -135,6 +137,7 @@ impl Daemon {
             check_leases: Notify::new(),
             results: results_sender,
             refill_below: refill_below(concurrency, prefetch),
+            unwritten_limit: unwritten_limit(concurrency + prefetch),
             summary: Mutex::new(Summary::default()),
             metrics: Arc::new(Metrics::new()),
         });
@@ -268,7 +271,7 @@ async fn claim_loop(shared: &Arc<Shared>, pool: &WorkerPool, mode: Mode, shutdow
         }
         let in_flight = shared.in_flight.lock().unwrap().len();
         let wanted = capacity.saturating_sub(in_flight).min(MAX_CLAIM_BATCH);
-        let writer_behind = shared.unwritten.load(Ordering::Acquire) >= unwritten_limit(capacity);
+        let writer_behind = shared.unwritten.load(Ordering::Acquire) >= shared.unwritten_limit;
         let worth_claiming = in_flight < shared.refill_below && !writer_behind;
         let mut claimed = 0;
         if wanted > 0 && worth_claiming {
@@ -454,8 +457,7 @@ async fn write_results(shared: Arc<Shared>, mut results: mpsc::UnboundedReceiver
         // Released children and immediate retries are due now, `run --once`
         // waits for the last write before it stops, and claims paused while
         // the writer was behind may go on.
-        let capacity = shared.config.host.concurrency + shared.config.host.prefetch;
-        if made_due || unwritten == 0 || before >= unwritten_limit(capacity) {
+        if made_due || unwritten == 0 || before >= shared.unwritten_limit {
             shared.changed.notify_one();
         }
     }

@@ -263,7 +263,6 @@ impl RetryOutcome {
     }
 }
 
-/// Parses a stored status, naming the job when the value is not one.
 /// Returns the status a retried job takes, given its parent's id and stored
 /// status: pending without a parent or after its success, waiting while the
 /// parent has not ended. The inner error is the rejection when the parent
@@ -277,6 +276,7 @@ fn retried_status(parent: Option<(JobId, String)>) -> Result<Result<Status, Retr
     })
 }
 
+/// Parses a stored status, naming the job when the value is not one.
 fn status_of(id: JobId, text: &str) -> Result<Status, StoreError> {
     Status::from_str(text).map_err(|_| StoreError::Corrupt { id, column: "status", value: text.to_owned() })
 }

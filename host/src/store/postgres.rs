@@ -863,7 +863,7 @@ const EVENTS: &str = concat!(
 mod tests {
     use super::*;
 
-    /// A `demo.echo` job due at once.
+    /// Returns a `demo.echo` job that is due at once.
     fn echo_job() -> NewJob {
         NewJob {
             plugin: "demo".to_owned(),
